@@ -1,0 +1,184 @@
+"""Frozen parameter groups: the single source of defaults for the core, the CLI and the widgets.
+
+Nothing here imports torch, Qt or napari, so the widgets can build their controls from these
+defaults and the CLI can expose them as flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+from napari_segtool.errors import InputError
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Norm = Literal["batch", "instance", "group", "none"]
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+NORMS: tuple[str, ...] = ("batch", "instance", "group", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a U-Net.
+
+    Attributes
+    ----------
+    spatial_dims : int
+        2 for a network over ``(Y, X)`` planes, 3 for ``(Z, Y, X)`` volumes.
+    in_channels : int
+        Number of image channels the network reads (1 for grey, 3 for RGB).
+    out_channels : int
+        Number of classes, background included (2 for a binary mask).
+    depth : int
+        Number of resolution levels; the input is padded to a multiple of ``2 ** (depth - 1)``.
+    base_features : int
+        Feature maps at the first level; doubled at each level down.
+    norm : {"batch", "instance", "group", "none"}
+        Normalisation after each convolution. ``"batch"`` (with running statistics at
+        inference) makes every tile's prediction independent of its neighbours.
+    dropout : float
+        Dropout probability in the two deepest levels (0 disables it).
+    """
+
+    spatial_dims: int = 2
+    in_channels: int = 1
+    out_channels: int = 2
+    depth: int = 4
+    base_features: int = 16
+    norm: Norm = "batch"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise InputError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if self.in_channels < 1:
+            raise InputError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.out_channels < 2:
+            raise InputError(
+                f"out_channels must be >= 2 (background plus at least one class), "
+                f"got {self.out_channels}"
+            )
+        if not 1 <= self.depth <= 7:
+            raise InputError(f"depth must be between 1 and 7, got {self.depth}")
+        if self.base_features < 1:
+            raise InputError(f"base_features must be >= 1, got {self.base_features}")
+        if self.norm not in NORMS:
+            raise InputError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def features(self) -> tuple[int, ...]:
+        """Feature maps per level, shallowest first."""
+        return tuple(self.base_features * 2**level for level in range(self.depth))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class NormalizationConfig:
+    """Percentile intensity normalisation, computed over the whole image per channel.
+
+    Voxels at ``lower`` percentile map to 0 and at ``upper`` percentile to 1; values outside
+    are kept (not clipped), as in Cellpose and csbdeep.
+    """
+
+    lower: float = 1.0
+    upper: float = 99.8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lower < self.upper <= 100.0:
+            raise InputError(
+                f"percentiles must satisfy 0 <= lower < upper <= 100, "
+                f"got lower={self.lower}, upper={self.upper}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lower": self.lower, "upper": self.upper}
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How a model is applied to an image.
+
+    Attributes
+    ----------
+    tile_shape : tuple of int or None
+        Spatial tile (``(Y, X)`` for 2D models, ``(Z, Y, X)`` for 3D ones). ``None`` uses the
+        model's own default (the size it was trained on).
+    overlap : float
+        Fraction of a tile shared with its neighbour along each axis, in ``[0, 1)``.
+    blend : {"gaussian", "constant"}
+        Weighting of overlapping tiles; Gaussian weights fall off towards tile borders with
+        ``sigma = 0.125 * tile`` (MONAI's default), so border artefacts do not show.
+    batch_size : int
+        Tiles per forward pass; halved automatically on a CUDA out-of-memory error.
+    device : {"auto", "cpu", "cuda", "mps"}
+        ``"auto"`` picks CUDA, then MPS, then the CPU.
+    amp : bool
+        Mixed precision (float16 autocast) on CUDA; ignored elsewhere.
+    tta : bool
+        Flip test-time augmentation: average the probabilities over all axis flips and report
+        the normalised predictive entropy as a per-voxel uncertainty.
+    """
+
+    tile_shape: tuple[int, ...] | None = None
+    overlap: float = 0.25
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    batch_size: int = 4
+    device: Device = "auto"
+    amp: bool = True
+    tta: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tile_shape is not None:
+            if any(int(t) < 1 for t in self.tile_shape):
+                raise InputError(f"tile_shape entries must be >= 1, got {self.tile_shape}")
+            object.__setattr__(self, "tile_shape", tuple(int(t) for t in self.tile_shape))
+        if not 0.0 <= self.overlap < 1.0:
+            raise InputError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.blend not in ("gaussian", "constant"):
+            raise InputError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise InputError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+    def with_(self, **changes: Any) -> InferenceConfig:
+        """Return a copy with some fields changed."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation settings shared by the bundled-model script and (later) fine-tuning."""
+
+    patch_shape: tuple[int, ...] = (256, 256)
+    batch_size: int = 8
+    steps: int = 1000
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    steps_per_epoch: int = 50
+    seed: int = 0
+    device: Device = "auto"
+    amp: bool = True
+    class_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if any(int(p) < 1 for p in self.patch_shape):
+            raise InputError(f"patch_shape entries must be >= 1, got {self.patch_shape}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps < 1 or self.steps_per_epoch < 1:
+            raise InputError("steps and steps_per_epoch must be >= 1")
+        if self.device not in DEVICES:
+            raise InputError(f"device must be one of {DEVICES}, got {self.device!r}")

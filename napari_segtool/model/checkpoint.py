@@ -1,0 +1,238 @@
+"""Model files: everything needed to rebuild and use a network, loaded without running code.
+
+A model file is a ``torch.save`` archive holding only a dict of plain values and tensors::
+
+    {"format": "napari-segtool-model", "format_version": 1,
+     "metadata": "<JSON text>", "state_dict": {name: tensor}}
+
+It is read with ``torch.load(weights_only=True)``, which refuses pickled Python objects, so a
+shared model file cannot execute code on load. The JSON metadata holds the architecture
+(:class:`~napari_segtool.config.ModelConfig`), intensity normalisation, class names, spatial
+dims, default tile shape, what the model was trained on and its training history.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from napari_segtool.config import ModelConfig, NormalizationConfig
+from napari_segtool.errors import CheckpointError
+from napari_segtool.io.atomic import atomic_path
+from napari_segtool.model.unet import UNet
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "napari-segtool-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SegmentationModel:
+    """A U-Net together with what is needed to apply it to raw images.
+
+    Attributes
+    ----------
+    network : UNet
+        The network; its ``config`` is the architecture.
+    normalization : NormalizationConfig
+        Percentile normalisation applied to every image before the network sees it.
+    class_names : tuple of str
+        One name per output channel, background first.
+    tile_shape : tuple of int
+        Default spatial tile for inference (usually the training patch shape).
+    name, description : str
+        Shown in model pickers and ``napari-segtool models``.
+    trained_on : dict
+        Free-form record of the training data (files, slices, counts).
+    history : list of dict
+        Training history, one entry per epoch or round.
+    """
+
+    network: UNet
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    class_names: tuple[str, ...] = ("background", "foreground")
+    tile_shape: tuple[int, ...] = (256, 256)
+    name: str = "untitled"
+    description: str = ""
+    trained_on: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat())
+
+    def __post_init__(self) -> None:
+        cfg = self.network.config
+        if len(self.class_names) != cfg.out_channels:
+            raise CheckpointError(
+                f"{len(self.class_names)} class names for a model with "
+                f"{cfg.out_channels} output channels"
+            )
+        if len(self.tile_shape) != cfg.spatial_dims:
+            raise CheckpointError(
+                f"tile_shape {self.tile_shape} does not match spatial_dims {cfg.spatial_dims}"
+            )
+        self.class_names = tuple(self.class_names)
+        self.tile_shape = tuple(int(t) for t in self.tile_shape)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.network.config
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.network.config.spatial_dims
+
+    @classmethod
+    def new(
+        cls,
+        config: ModelConfig | None = None,
+        *,
+        class_names: tuple[str, ...] | None = None,
+        tile_shape: tuple[int, ...] | None = None,
+        seed: int | None = 0,
+        name: str = "new model",
+    ) -> SegmentationModel:
+        """An untrained model with freshly initialised weights (seeded for reproducibility)."""
+        config = config or ModelConfig()
+        if seed is not None:
+            torch.manual_seed(seed)
+        if class_names is None:
+            class_names = ("background",) + tuple(
+                f"class {i}" for i in range(1, config.out_channels)
+            )
+        if tile_shape is None:
+            tile_shape = (256, 256) if config.spatial_dims == 2 else (32, 128, 128)
+        return cls(
+            network=UNet(config),
+            class_names=class_names,
+            tile_shape=tile_shape,
+            name=name,
+            description="untrained: segment, correct and fine-tune to teach it",
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        from napari_segtool import __version__
+
+        return {
+            "name": self.name,
+            "description": self.description,
+            "model_config": self.config.to_dict(),
+            "spatial_dims": self.spatial_dims,
+            "normalization": self.normalization.to_dict(),
+            "class_names": list(self.class_names),
+            "tile_shape": list(self.tile_shape),
+            "trained_on": self.trained_on,
+            "history": self.history,
+            "created": self.created,
+            "segtool_version": __version__,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the model file atomically (a crash mid-save leaves any old file intact)."""
+        p = Path(path)
+        state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "metadata": json.dumps(self.metadata()),
+            "state_dict": state,
+        }
+        with atomic_path(p) as tmp:
+            torch.save(payload, tmp)
+        logger.info("saved model %r to %s", self.name, p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SegmentationModel:
+        """Rebuild a model from a file written by :meth:`save`.
+
+        Raises
+        ------
+        CheckpointError
+            Naming the file and the problem: missing, not a PyTorch archive, damaged, holding
+            Python objects (refused, never executed), not a napari-segtool model, written by a
+            newer format version, or weights that do not fit the stored architecture.
+        """
+        p = Path(path)
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such model file")
+        if p.is_dir():
+            raise CheckpointError(f"{p}: is a folder, expected a model file")
+        try:
+            payload = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            msg = str(exc)
+            if "weights_only" in msg or "Unsupported global" in msg:
+                raise CheckpointError(
+                    f"{p}: holds Python objects other than tensors and plain values; "
+                    "refusing to load it because that could run code from the file"
+                ) from exc
+            raise CheckpointError(f"{p}: damaged or not a PyTorch file ({msg[:200]})") from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{p}: damaged or not a PyTorch file ({str(exc).splitlines()[0][:200]})"
+            ) from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(
+                f"{p}: not a napari-segtool model file (found {keys}); "
+                "models from other tools must be converted first"
+            )
+        version = payload.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{p}: model format version {version!r} is newer than this napari-segtool "
+                f"understands ({FORMAT_VERSION}); update napari-segtool"
+            )
+        try:
+            meta = json.loads(payload["metadata"])
+            config = ModelConfig.from_dict(meta["model_config"])
+            norm = NormalizationConfig(**meta["normalization"])
+            network = UNet(config)
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{p}: damaged model metadata ({exc})") from exc
+        state = payload.get("state_dict")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{p}: no weights in the model file")
+        missing, unexpected = _key_mismatch(network, state)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{p}: weights do not fit the stored architecture "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()
+            raise CheckpointError(
+                f"{p}: weights do not fit the stored architecture ({first[-1].strip()[:200]})"
+            ) from exc
+        network.eval()
+        try:
+            return cls(
+                network=network,
+                normalization=norm,
+                class_names=tuple(meta["class_names"]),
+                tile_shape=tuple(meta["tile_shape"]),
+                name=meta.get("name", p.stem),
+                description=meta.get("description", ""),
+                trained_on=meta.get("trained_on", {}),
+                history=meta.get("history", []),
+                created=meta.get("created", ""),
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"{p}: damaged model metadata (missing {exc})") from exc
+
+
+def _key_mismatch(network: torch.nn.Module, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    expected = set(network.state_dict())
+    got = set(state)
+    return sorted(expected - got), sorted(got - expected)

@@ -1,0 +1,175 @@
+"""The training loop as a generator of per-epoch reports; closing it cancels training."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from napari_segtool.config import InferenceConfig, TrainingConfig
+from napari_segtool.inference.predict import resolve_device, segment
+from napari_segtool.model.checkpoint import SegmentationModel
+from napari_segtool.training.data import PatchSampler
+from napari_segtool.training.losses import dice_ce_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What one epoch achieved; yielded by :func:`iter_train`.
+
+    ``val_dice`` is the mean foreground Dice on the validation images (None without them),
+    ``val_pixel_error`` the fraction of misclassified validation voxels; ``best`` says whether
+    this epoch's weights are the best so far (and so the ones kept).
+    """
+
+    epoch: int
+    step: int
+    total_steps: int
+    train_loss: float
+    val_dice: float | None
+    val_pixel_error: float | None
+    learning_rate: float
+    seconds: float
+    best: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def foreground_dice(pred: NDArray, ref: NDArray, n_classes: int) -> float:
+    """Mean Dice over classes 1..n-1 present in either mask (1.0 if none is)."""
+    scores = []
+    for c in range(1, n_classes):
+        p, r = pred == c, ref == c
+        denom = int(p.sum()) + int(r.sum())
+        if denom:
+            scores.append(2.0 * int(np.count_nonzero(p & r)) / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def evaluate(
+    model: SegmentationModel,
+    validation: Sequence[tuple[NDArray, NDArray]],
+    *,
+    inference: InferenceConfig,
+) -> tuple[float, float]:
+    """Segment each validation image; return (mean foreground Dice, pixel error)."""
+    dices, errors, sizes = [], [], []
+    for image, ref in validation:
+        pred = segment(image, model, config=inference).labels
+        dices.append(foreground_dice(pred, ref, model.config.out_channels))
+        errors.append(float(np.count_nonzero(pred != ref)))
+        sizes.append(ref.size)
+    return float(np.mean(dices)), float(sum(errors) / sum(sizes))
+
+
+def iter_train(
+    model: SegmentationModel,
+    sampler: PatchSampler,
+    *,
+    config: TrainingConfig,
+    validation: Sequence[tuple[NDArray, NDArray]] = (),
+    inference: InferenceConfig | None = None,
+) -> Generator[EpochReport, None, SegmentationModel]:
+    """Train ``model`` in place on patches from ``sampler``, one report per epoch.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        Starting point; its network is trained in place and, at the end, holds the weights of
+        the best validation epoch (the last epoch without validation data).
+    sampler : PatchSampler
+        Source of (normalised) training patches.
+    config : TrainingConfig
+        Steps, batch, learning rate (AdamW with cosine decay), seed, device, mixed precision.
+    validation : sequence of (raw image, labels)
+        Evaluated with tiled inference after each epoch.
+
+    Yields
+    ------
+    EpochReport
+        After each epoch of ``config.steps_per_epoch`` steps.
+
+    Returns
+    -------
+    SegmentationModel
+        The same object, its ``history`` extended by this run's reports.
+    """
+    device = resolve_device(config.device)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    net = model.network.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate,
+                            weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
+    )
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    weights = (
+        torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+        if config.class_weights
+        else None
+    )
+    inference = inference or InferenceConfig(device=config.device, batch_size=4)
+    best_score = -math.inf
+    best_state = None
+    epochs = math.ceil(config.steps / config.steps_per_epoch)
+    step = 0
+    try:
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            net.train()
+            losses = []
+            for _ in range(min(config.steps_per_epoch, config.steps - step)):
+                x, y, v = sampler.sample(config.batch_size, rng)
+                xt = torch.from_numpy(x).to(device)
+                yt = torch.from_numpy(y).to(device)
+                vt = torch.from_numpy(v).to(device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = net(xt)
+                loss = dice_ce_loss(logits, yt, valid=vt, class_weights=weights)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                losses.append(float(loss.detach()))
+                step += 1
+            net.eval()
+            val_dice = val_err = None
+            if validation:
+                val_dice, val_err = evaluate(model, validation, inference=inference)
+            score = val_dice if val_dice is not None else -float(np.mean(losses))
+            is_best = score >= best_score
+            if is_best or val_dice is None:
+                best_score = score
+                best_state = copy.deepcopy(net.state_dict())
+            report = EpochReport(
+                epoch=epoch,
+                step=step,
+                total_steps=config.steps,
+                train_loss=float(np.mean(losses)),
+                val_dice=val_dice,
+                val_pixel_error=val_err,
+                learning_rate=float(sched.get_last_lr()[0]),
+                seconds=time.perf_counter() - t0,
+                best=is_best,
+            )
+            model.history.append(report.to_dict())
+            logger.info("epoch %d: %s", epoch, report)
+            yield report
+    finally:
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        net.eval()
+    return model
