@@ -27,7 +27,9 @@ from napari_segtool.inference.normalize import apply_range, percentile_range
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training import PatchSampler, evaluate, iter_train
 
-TRAIN = range(0, 18)
+logger = logging.getLogger("train_em_model")
+
+TRAIN = range(18)
 SELECT = range(18, 20)
 HELD_OUT = range(20, 30)
 
@@ -82,10 +84,14 @@ def main() -> None:
     select = [(volume[SELECT.start : SELECT.stop], membranes[SELECT.start : SELECT.stop])]
     t0 = time.perf_counter()
     for report in iter_train(model, sampler, config=config, validation=select):
-        logging.info(
+        logger.info(
             "epoch %d step %d loss %.4f val dice %.4f err %.4f (%.0f s)",
-            report.epoch, report.step, report.train_loss, report.val_dice,
-            report.val_pixel_error, report.seconds,
+            report.epoch,
+            report.step,
+            report.train_loss,
+            report.val_dice,
+            report.val_pixel_error,
+            report.seconds,
         )
     train_seconds = time.perf_counter() - t0
     held = [(volume[HELD_OUT.start : HELD_OUT.stop], membranes[HELD_OUT.start : HELD_OUT.stop])]

@@ -80,13 +80,16 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but this torch has no usable CUDA GPU; "
-                         "use device 'auto' or 'cpu'")
+        raise InputError(
+            "device 'cuda' requested but this torch has no usable CUDA GPU; "
+            "use device 'auto' or 'cpu'"
+        )
     if device == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):
-        raise InputError("device 'mps' requested but Apple MPS is not available; "
-                         "use device 'auto' or 'cpu'")
+        raise InputError(
+            "device 'mps' requested but Apple MPS is not available; use device 'auto' or 'cpu'"
+        )
     if device not in ("cpu", "cuda", "mps"):
         raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'")
     return torch.device(device)
@@ -129,12 +132,17 @@ def _layout(
 ) -> tuple[NDArray, int | None]:
     """Return the image with channels last moved first (or None) and its channel axis."""
     if rgb is None:
-        rgb = channel_axis is None and image.ndim == 3 and image.shape[-1] in (3, 4) and (
-            image.shape[0] > 4
+        rgb = (
+            channel_axis is None
+            and image.ndim == 3
+            and image.shape[-1] in (3, 4)
+            and (image.shape[0] > 4)
         )
     if rgb:
         if image.shape[-1] not in (3, 4):
-            raise InputError(f"an RGB image needs 3 or 4 values on its last axis, got {image.shape}")
+            raise InputError(
+                f"an RGB image needs 3 or 4 values on its last axis, got {image.shape}"
+            )
         channel_axis = image.ndim - 1
     if channel_axis is not None:
         ca = channel_axis % image.ndim

@@ -84,7 +84,9 @@ def blend_weights(tile_shape: Sequence[int], mode: str = "gaussian") -> NDArray[
     return _blend_weights_cached(tuple(int(t) for t in tile_shape), mode)
 
 
-def tile_grid(spatial: Sequence[int], tile: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
+def tile_grid(
+    spatial: Sequence[int], tile: Sequence[int], overlap: float
+) -> list[tuple[int, ...]]:
     """Start corners of all tiles covering ``spatial`` (``tile`` no larger than the image)."""
     axes = [tile_starts(s, t, overlap) for s, t in zip(spatial, tile, strict=True)]
     return list(itertools.product(*axes))
@@ -180,9 +182,15 @@ def iter_sliding_window(
             tuple(slice(s, s + e) for s, e in zip(start, eff_tile, strict=True))
             for _, start in batch
         ]
-        raw = np.stack([images[(i, slice(None), *r)] for (i, _), r in zip(batch, regions, strict=True)])
+        raw = np.stack(
+            [images[(i, slice(None), *r)] for (i, _), r in zip(batch, regions, strict=True)]
+        )
         if needs_pad:
-            raw = np.pad(raw, [(0, 0), (0, 0), *pad], mode="reflect" if _reflectable(eff_tile, pad) else "edge")
+            raw = np.pad(
+                raw,
+                [(0, 0), (0, 0), *pad],
+                mode="reflect" if _reflectable(eff_tile, pad) else "edge",
+            )
         x = preprocess(raw) if preprocess is not None else raw
         if x.dtype != np.float32:
             x = x.astype(np.float32)

@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import IO
 
 
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
@@ -28,6 +34,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; give the result the mode of the file it replaces, or
+        # the usual mode for a new file
+        mode = target.stat().st_mode & 0o777 if target.exists() else _default_mode()
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -142,7 +142,7 @@ def write_image(
     if p.suffix.lower() not in TIFF_SUFFIXES:
         raise InputError(f"{p}: output must be a .tif or .tiff file")
     arr = np.ascontiguousarray(data)
-    meta: dict[str, object] = {"axes": "ZYX"[-arr.ndim :] if arr.ndim <= 3 else None}
+    meta: dict[str, object] = {"axes": "ZYX"[-arr.ndim :]} if arr.ndim <= 3 else {}
     kwargs: dict[str, object] = {}
     if spacing is not None:
         if len(spacing) != arr.ndim:

@@ -105,8 +105,9 @@ class SegmentationModel:
         if seed is not None:
             torch.manual_seed(seed)
         if class_names is None:
-            class_names = ("background",) + tuple(
-                f"class {i}" for i in range(1, config.out_channels)
+            class_names = (
+                "background",
+                *(f"class {i}" for i in range(1, config.out_channels)),
             )
         if tile_shape is None:
             tile_shape = (256, 256) if config.spatial_dims == 2 else (32, 128, 128)
@@ -166,6 +167,10 @@ class SegmentationModel:
             raise CheckpointError(f"{p}: no such model file")
         if p.is_dir():
             raise CheckpointError(f"{p}: is a folder, expected a model file")
+        if not zipfile.is_zipfile(p):
+            raise CheckpointError(
+                f"{p}: damaged or not a PyTorch file (not a zip archive as torch.save writes)"
+            )
         try:
             payload = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

@@ -75,13 +75,12 @@ class PatchSampler:
         if not (len(self.images) == len(self.labels) == len(self.valid)) or not self.images:
             raise InputError("need the same, non-zero number of images, labels and masks")
         self._items = []
-        for img, lab, val in zip(self.images, self.labels, self.valid, strict=True):
+        for image, labels, val in zip(self.images, self.labels, self.valid, strict=True):
+            img, lab = image, labels
             if img.shape[1:] != lab.shape:
                 raise InputError(f"image {img.shape} and labels {lab.shape} do not match")
             if len(self.patch_shape) != lab.ndim:
-                raise InputError(
-                    f"patch_shape {self.patch_shape} does not fit {lab.ndim}D labels"
-                )
+                raise InputError(f"patch_shape {self.patch_shape} does not fit {lab.ndim}D labels")
             v = np.ones(lab.shape, bool) if val is None else val.astype(bool)
             pad = [(0, max(0, p - s)) for p, s in zip(self.patch_shape, lab.shape, strict=True)]
             if any(p for _, p in pad):

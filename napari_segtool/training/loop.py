@@ -108,8 +108,9 @@ def iter_train(
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     net = model.network.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate,
-                            weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
     )

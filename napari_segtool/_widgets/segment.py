@@ -1,0 +1,263 @@
+"""The Segment dock widget: pick an image and a model, segment it in a worker thread."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import napari
+import napari.layers
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils.notifications import show_error, show_info
+
+from napari_segtool.config import DEVICES, InferenceConfig
+from napari_segtool.errors import InputError, SegtoolError
+from napari_segtool.inference import Progress, Segmentation, iter_segment
+from napari_segtool.model import list_models, load_model
+
+logger = logging.getLogger(__name__)
+
+FROM_FILE = "model file..."
+CHECKSUM_KEY = "segtool_checksum"
+SOURCE_KEY = "segtool_source"
+
+
+def checksum(data: np.ndarray) -> int:
+    """Cheap fingerprint of a layer's data, to tell whether the user edited it since."""
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything a run needs, read from the widgets on the main thread."""
+
+    image: np.ndarray
+    rgb: bool
+    image_name: str
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    model: str
+    config: InferenceConfig
+
+
+def parse_tile_shape(text: str) -> tuple[int, ...] | None:
+    """``"256, 256"`` -> ``(256, 256)``; empty -> None (the model's default)."""
+    text = text.strip().lower().replace("x", ",")
+    if not text or text == "model default":
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise InputError(
+            f"tile shape {text!r} is not a list of integers; write e.g. 256, 256"
+        ) from exc
+    if not shape or any(v < 1 for v in shape):
+        raise InputError(f"tile shape {text!r} needs positive integers, e.g. 256, 256")
+    return shape
+
+
+def run_job(job: SegmentJob) -> Generator[Progress, None, Segmentation]:
+    """Worker body: load the model and segment, yielding progress (never touches widgets)."""
+    model = load_model(job.model)
+    return (yield from iter_segment(job.image, model, config=job.config, rgb=job.rgb))
+
+
+class SegmentWidget(Container):
+    """Segment the chosen image layer with a U-Net; the result becomes a Labels layer."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._worker: GeneratorWorker | None = None
+        self._job: SegmentJob | None = None
+        defaults = InferenceConfig()
+        self._image = create_widget(annotation="napari.layers.Image", label="image")
+        self._model = ComboBox(
+            label="model",
+            choices=[e.name for e in list_models()] + [FROM_FILE],
+            value=list_models()[0].name,
+        )
+        self._model_file = FileEdit(label="model file", mode="r", filter="*.pt", visible=False)
+        self._device = ComboBox(label="device", choices=DEVICES, value=defaults.device)
+        self._tile = LineEdit(label="tile shape", value="model default")
+        self._overlap = FloatSpinBox(
+            label="overlap", value=defaults.overlap, min=0.0, max=0.9, step=0.05
+        )
+        self._batch = SpinBox(label="batch size", value=defaults.batch_size, min=1, max=512)
+        self._tta = CheckBox(label="flip TTA", value=defaults.tta)
+        self._run = PushButton(text="Segment")
+        self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
+        self._status = Label(label="", value="")
+        self.extend([
+            self._image, self._model, self._model_file, self._device, self._tile,
+            self._overlap, self._batch, self._tta, self._run, self._progress, self._status,
+        ])  # fmt: skip
+        self._model.changed.connect(self._on_model_changed)
+        self._run.changed.connect(self._on_run_clicked)
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._image.tooltip = "Image layer to segment (grey, RGB or a 3D stack)"
+        self._tta.tooltip = "Average over flips; adds an '<image> uncertainty' layer"
+        self._tile.tooltip = "Spatial tile, e.g. 256, 256 (2D model) or 32, 128, 128 (3D)"
+        self.native.destroyed.connect(self.cancel)
+
+    # -- reading the controls ---------------------------------------------------------------
+    def _model_spec(self) -> str:
+        if self._model.value == FROM_FILE:
+            path = self._model_file.value
+            if not path or str(path) in ("", "."):
+                raise InputError("choose a model file, or pick a bundled model")
+            return str(path)
+        return str(self._model.value)
+
+    def _collect_config(self) -> SegmentJob:
+        layer = self._image.value
+        if layer is None:
+            raise InputError("no image layer: open an image first (File > Open Sample)")
+        data = layer.data[0] if layer.multiscale else layer.data
+        return SegmentJob(
+            image=np.asarray(data),
+            rgb=bool(layer.rgb),
+            image_name=layer.name,
+            scale=tuple(layer.scale),
+            translate=tuple(layer.translate),
+            model=self._model_spec(),
+            config=InferenceConfig(
+                tile_shape=parse_tile_shape(self._tile.value),
+                overlap=float(self._overlap.value),
+                batch_size=int(self._batch.value),
+                device=str(self._device.value),
+                tta=bool(self._tta.value),
+            ),
+        )
+
+    # -- running ------------------------------------------------------------------------------
+    @property
+    def worker(self) -> GeneratorWorker | None:
+        """The running worker, if any (for tests and scripting)."""
+        return self._worker
+
+    def _on_model_changed(self, value: str) -> None:
+        self._model_file.visible = value == FROM_FILE
+
+    def _on_run_clicked(self, *_: Any) -> None:
+        if self._worker is not None:
+            self.cancel()
+        else:
+            self.start()
+
+    def start(self) -> GeneratorWorker | None:
+        """Read the controls and start segmenting; errors become notifications."""
+        if self._worker is not None:
+            return self._worker
+        try:
+            job = self._collect_config()
+        except SegtoolError as exc:
+            show_error(str(exc))
+            return None
+        self._job = job
+        worker = create_worker(
+            run_job,
+            job,
+            _connect={
+                "yielded": self._on_progress,
+                "returned": self._on_returned,
+                "errored": self._on_error,
+                "finished": self._on_finished,
+            },
+            _start_thread=False,
+        )
+        self._worker = worker
+        self._run.text = "Cancel"
+        self._progress.value = 0
+        self._status.value = f"segmenting {job.image_name}..."
+        worker.start()
+        return worker
+
+    def cancel(self, *_: Any) -> None:
+        """Stop the running worker after its current batch of tiles."""
+        if self._worker is not None:
+            self._status.value = "cancelling..."
+            self._worker.quit()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        if self._job is not None and event.value.name == self._job.image_name:
+            self.cancel()
+
+    def _on_progress(self, p: Progress) -> None:
+        self._progress.value = round(100 * p.fraction)
+        self._status.value = f"{p.done} / {p.total} tiles"
+
+    def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SegtoolError):
+            show_error(f"Segment: {exc}")
+        else:
+            logger.error("segmentation failed", exc_info=exc)
+            show_error(f"Segment failed: {type(exc).__name__}: {exc}")
+        self._status.value = "failed"
+
+    def _on_finished(self) -> None:
+        if self._worker is not None and self._worker.abort_requested:
+            self._status.value = "cancelled"
+        self._worker = None
+        self._run.text = "Segment"
+
+    def _on_returned(self, result: Segmentation) -> None:
+        job = self._job
+        assert job is not None
+        name = self._write_labels(f"{job.image_name} prediction", result.labels, job)
+        if result.uncertainty is not None:
+            self._write_image(f"{job.image_name} uncertainty", result.uncertainty, job)
+        self._progress.value = 100
+        self._status.value = f"done on {result.device}: {name}"
+
+    # -- output layers ------------------------------------------------------------------------
+    def _write_labels(self, name: str, labels: np.ndarray, job: SegmentJob) -> str:
+        layers = self._viewer.layers
+        meta = {CHECKSUM_KEY: checksum(labels), SOURCE_KEY: job.model}
+        if name in layers:
+            old = layers[name]
+            unedited = (
+                isinstance(old, napari.layers.Labels)
+                and old.metadata.get(CHECKSUM_KEY) == checksum(old.data)
+                and old.data.shape == labels.shape
+            )
+            if unedited:
+                old.data = labels
+                old.metadata.update(meta)
+                return name
+            new = self._viewer.add_labels(
+                labels, name=name, scale=job.scale, translate=job.translate, metadata=meta
+            )
+            show_info(f"kept your edited layer '{name}'; the new prediction is '{new.name}'")
+            return new.name
+        layer = self._viewer.add_labels(
+            labels, name=name, scale=job.scale, translate=job.translate, metadata=meta
+        )
+        return layer.name
+
+    def _write_image(self, name: str, data: np.ndarray, job: SegmentJob) -> None:
+        layers = self._viewer.layers
+        if name in layers and isinstance(layers[name], napari.layers.Image):
+            layers[name].data = data
+            return
+        self._viewer.add_image(
+            data, name=name, scale=job.scale, translate=job.translate, colormap="magma",
+            contrast_limits=(0.0, 1.0), blending="additive", visible=True,
+        )  # fmt: skip

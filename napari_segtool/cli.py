@@ -1,0 +1,193 @@
+"""The ``napari-segtool`` command line.
+
+Subcommands: ``segment`` (headless tiled inference on a file), ``models`` (list bundled
+models), ``demo`` (napari with the plugin and a sample). Errors print one line to stderr and
+exit with status 2 (bad input) or 1 (anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from napari_segtool.config import DEVICES, InferenceConfig
+from napari_segtool.errors import InputError, SegtoolError
+
+logger = logging.getLogger("napari_segtool")
+
+
+def _tile_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: write the tile as e.g. 256,256") from exc
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: tile sizes must be positive integers")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = InferenceConfig()
+    parser = argparse.ArgumentParser(
+        prog="napari-segtool",
+        description="Human-in-the-loop U-Net segmentation of 2D images and 3D stacks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment an image file with a U-Net")
+    seg.add_argument("image", type=Path, help="input image (TIFF; PNG/JPEG for 2D)")
+    seg.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write")
+    seg.add_argument(
+        "-m", "--model", default="em-membranes-2d",
+        help="bundled model name (see `napari-segtool models`) or a model file",
+    )  # fmt: skip
+    seg.add_argument("--device", choices=DEVICES, default=defaults.device)
+    seg.add_argument(
+        "--tile-shape",
+        type=_tile_shape,
+        default=None,
+        help="spatial tile, e.g. 256,256 (default: the model's)",
+    )
+    seg.add_argument("--overlap", type=float, default=defaults.overlap)
+    seg.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    seg.add_argument("--blend", choices=("gaussian", "constant"), default=defaults.blend)
+    seg.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    seg.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    seg.add_argument("--uncertainty", type=Path, help="with --tta: write the uncertainty TIFF")
+    seg.add_argument("--probabilities", type=Path, help="write class probabilities (C, ...)")
+    seg.add_argument(
+        "--channel-axis", type=int, default=None, help="axis of the image that holds channels"
+    )
+    seg.add_argument("--rgb", action="store_true", help="the last axis holds RGB channels")
+
+    sub.add_parser("models", help="list the bundled models").add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+
+    demo = sub.add_parser("demo", help="open napari with the plugin and a sample loaded")
+    demo.add_argument("--sample", choices=("isbi_em", "ct_small"), default="isbi_em")
+    demo.add_argument("--screenshot", type=Path, help="save a window screenshot and exit")
+    demo.add_argument("--segment", action="store_true", help="click Segment first")
+    return parser
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from napari_segtool.inference import segment
+    from napari_segtool.io import read_image, write_image
+    from napari_segtool.model import load_model
+
+    if args.uncertainty and not args.tta:
+        raise InputError("--uncertainty needs --tta (the uncertainty comes from the flips)")
+    image = read_image(args.image)
+    model = load_model(args.model)
+    config = InferenceConfig(
+        tile_shape=args.tile_shape,
+        overlap=args.overlap,
+        blend=args.blend,
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=not args.no_amp,
+        tta=args.tta,
+    )
+    t0 = time.perf_counter()
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if pct // 10 != last[0] // 10:
+            logger.info("segmenting: %d / %d tiles", done, total)
+        last[0] = pct
+
+    result = segment(
+        image.data,
+        model,
+        config=config,
+        channel_axis=args.channel_axis,
+        rgb=True if args.rgb else None,
+        return_probabilities=args.probabilities is not None,
+        progress=progress,
+    )
+    spacing = image.spacing if len(image.spacing) == result.labels.ndim else None
+    write_image(args.output, result.labels, spacing=spacing, unit=image.unit)
+    if args.uncertainty is not None and result.uncertainty is not None:
+        write_image(args.uncertainty, result.uncertainty, spacing=spacing, unit=image.unit)
+    if args.probabilities is not None and result.probabilities is not None:
+        write_image(args.probabilities, result.probabilities)
+    summary = {
+        "output": str(args.output),
+        "shape": list(result.labels.shape),
+        "dtype": str(result.labels.dtype),
+        "classes": {
+            name: int((result.labels == i).sum()) for i, name in enumerate(model.class_names)
+        },
+        "device": result.device,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    print(json.dumps(summary))  # noqa: T201 - the command's output
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from napari_segtool.model import list_models, load_model
+
+    rows = []
+    for entry in list_models():
+        model = load_model(entry.name)
+        rows.append({
+            "name": entry.name,
+            "spatial_dims": model.spatial_dims,
+            "in_channels": model.config.in_channels,
+            "classes": list(model.class_names),
+            "tile_shape": list(model.tile_shape),
+            "description": entry.description,
+            "file": str(entry.path) if entry.path else None,
+            "held_out": {k: v for k, v in model.trained_on.items() if k.startswith("held_out_")},
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))  # noqa: T201
+        return 0
+    for row in rows:
+        figures = ", ".join(
+            f"{k.removeprefix('held_out_')} {v}"
+            for k, v in row["held_out"].items()
+            if not isinstance(v, list)
+        )
+        line = f"{row['name']:<18} {row['spatial_dims']}D  classes: {', '.join(row['classes'])}"
+        print(line)  # noqa: T201
+        print(f"{'':<18} {row['description']}")  # noqa: T201
+        if figures:
+            print(f"{'':<18} held-out: {figures}")  # noqa: T201
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # the demo is a napari window, so it lives with the widgets
+    from napari_segtool._widgets.demo import run_demo
+
+    return run_demo(args.sample, screenshot=args.screenshot, segment=args.segment)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``napari-segtool`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    commands = {"segment": _cmd_segment, "models": _cmd_models, "demo": _cmd_demo}
+    try:
+        return commands[args.command](args)
+    except SegtoolError as exc:
+        print(f"napari-segtool {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from napari_segtool.config import ModelConfig, NormalizationConfig
+from napari_segtool.errors import CheckpointError
+from napari_segtool.model import SegmentationModel, list_models, load_model
+from napari_segtool.model.checkpoint import FORMAT_VERSION
+
+
+@pytest.fixture
+def model():
+    m = SegmentationModel.new(
+        ModelConfig(spatial_dims=2, depth=3, base_features=4, out_channels=3),
+        class_names=("bg", "a", "b"),
+        tile_shape=(64, 64),
+        seed=3,
+        name="tiny",
+    )
+    m.normalization = NormalizationConfig(lower=2.0, upper=98.0)
+    m.trained_on = {"dataset": "synthetic", "slices": [0, 1]}
+    m.history = [{"epoch": 1, "train_loss": 0.5}]
+    return m
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_round_trip_restores_everything(tmp_path, dims):
+    cfg = ModelConfig(spatial_dims=dims, depth=2, base_features=4)
+    m = SegmentationModel.new(cfg, tile_shape=(32, 32) if dims == 2 else (8, 16, 16), seed=1)
+    # make running statistics non-trivial so the round trip must carry buffers too
+    m.network.train()
+    m.network(torch.randn(2, 1, *m.tile_shape))
+    m.network.eval()
+    path = m.save(tmp_path / "m.pt")
+    back = SegmentationModel.load(path)
+    assert back.config == cfg
+    assert back.spatial_dims == dims
+    x = torch.randn(1, 1, *m.tile_shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(back.network(x), m.network(x))
+
+
+def test_round_trip_metadata(tmp_path, model):
+    back = SegmentationModel.load(model.save(tmp_path / "m.pt"))
+    assert back.class_names == ("bg", "a", "b")
+    assert back.tile_shape == (64, 64)
+    assert back.normalization == NormalizationConfig(lower=2.0, upper=98.0)
+    assert back.trained_on == {"dataset": "synthetic", "slices": [0, 1]}
+    assert back.history == [{"epoch": 1, "train_loss": 0.5}]
+    assert back.name == "tiny"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.pt: no such model file"):
+        SegmentationModel.load(tmp_path / "nope.pt")
+
+
+def test_truncated_file_names_file(tmp_path, model):
+    path = model.save(tmp_path / "m.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"m\.pt: damaged or not a PyTorch file"):
+        SegmentationModel.load(path)
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(CheckpointError, match=r"junk\.pt: damaged or not a PyTorch file"):
+        SegmentationModel.load(path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_code_in_file_is_refused_not_run(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "napari-segtool-model", "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        SegmentationModel.load(path)
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_plain_pickle_is_refused(tmp_path):
+    path = tmp_path / "p.pt"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match=r"p\.pt"):
+        SegmentationModel.load(path)
+
+
+def test_foreign_state_dict(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a napari-segtool model file"):
+        SegmentationModel.load(path)
+
+
+def test_newer_format_version(tmp_path, model):
+    path = model.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="newer than this napari-segtool"):
+        SegmentationModel.load(path)
+
+
+def test_weights_that_do_not_fit(tmp_path, model):
+    path = model.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["metadata"])
+    meta["model_config"]["base_features"] = 8
+    payload["metadata"] = json.dumps(meta)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        SegmentationModel.load(path)
+
+
+def test_damaged_metadata(tmp_path, model):
+    path = model.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["metadata"] = "{not json"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="damaged model metadata"):
+        SegmentationModel.load(path)
+
+
+def test_save_is_atomic_on_failure(tmp_path, model, monkeypatch):
+    path = model.save(tmp_path / "m.pt")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_bundled_and_new_models_load():
+    names = [e.name for e in list_models()]
+    assert "em-membranes-2d" in names
+    em = load_model("em-membranes-2d")
+    assert em.spatial_dims == 2
+    assert em.class_names == ("cell interior", "membrane")
+    assert load_model("new-3d").spatial_dims == 3
+    new2d = load_model("new-2d")
+    assert new2d.spatial_dims == 2
+    assert new2d.trained_on == {}
+
+
+def test_unknown_model_name():
+    with pytest.raises(CheckpointError, match="neither a bundled model"):
+        load_model("no-such-model")
