@@ -103,8 +103,13 @@ def _worker(tool: str, case: dict, repeats: int, device: str, queue: mp.Queue) -
     )
     model.network.eval()
     image = _image(case["shape"])
-    cfg = InferenceConfig(tile_shape=case["tile"], overlap=OVERLAP, batch_size=case["batch"],
-                          device=device, amp=False)
+    cfg = InferenceConfig(
+        tile_shape=case["tile"],
+        overlap=OVERLAP,
+        batch_size=case["batch"],
+        device=device,
+        amp=False,
+    )
 
     if tool == "segtool":
 
@@ -129,8 +134,14 @@ def _worker(tool: str, case: dict, repeats: int, device: str, queue: mp.Queue) -
             x = torch.from_numpy(norm[None])
             with torch.inference_mode():
                 out = sliding_window_inference(
-                    x, roi_size=roi, sw_batch_size=case["batch"], predictor=monai_predictor,
-                    overlap=OVERLAP, mode="gaussian", sw_device=dev, device="cpu",
+                    x,
+                    roi_size=roi,
+                    sw_batch_size=case["batch"],
+                    predictor=monai_predictor,
+                    overlap=OVERLAP,
+                    mode="gaussian",
+                    sw_device=dev,
+                    device="cpu",
                 )
             return out[0].argmax(0).to(torch.uint8).numpy()
 

@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from napari_segtool.config import DEVICES, InferenceConfig
 from napari_segtool.errors import InputError, SegtoolError
 
@@ -29,6 +31,27 @@ def _tile_shape(text: str) -> tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: tile sizes must be positive integers")
     return shape
+
+
+def _spacing(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: write the spacing as e.g. 3,0.5,0.5") from exc
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: spacing values must be positive")
+    return values
+
+
+def _finite(value: object) -> object:
+    """JSON has no infinity: undefined distances (one mask empty) become null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--rgb", action="store_true", help="the last axis holds RGB channels")
 
+    ev = sub.add_parser("evaluate", help="compare a label image with a reference")
+    ev.add_argument("pred", type=Path, help="label image to judge (TIFF)")
+    ev.add_argument("ref", type=Path, help="reference label image (TIFF)")
+    ev.add_argument(
+        "--spacing",
+        type=_spacing,
+        default=None,
+        help="voxel size Z,Y,X (default: from the reference's TIFF metadata)",
+    )
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--no-distances", action="store_true", help="skip HD, HD95 and ASSD")
+    ev.add_argument("--per-slice", action="store_true", help="add overlap metrics per slice")
+
     sub.add_parser("models", help="list the bundled models").add_argument(
         "--json", action="store_true", help="print JSON"
     )
@@ -78,12 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from napari_segtool.inference import segment
+    from napari_segtool.inference import resolve_device, segment
     from napari_segtool.io import read_image, write_image
     from napari_segtool.model import load_model
 
     if args.uncertainty and not args.tta:
         raise InputError("--uncertainty needs --tta (the uncertainty comes from the flips)")
+    resolve_device(args.device)  # fail before any work if the device is not there
     image = read_image(args.image)
     model = load_model(args.model)
     config = InferenceConfig(
@@ -130,6 +167,43 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     print(json.dumps(summary))  # noqa: T201 - the command's output
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from napari_segtool.io import read_image
+    from napari_segtool.metrics import evaluate
+
+    pred = read_image(args.pred)
+    ref = read_image(args.ref)
+    spacing = args.spacing or ref.spacing
+    if len(spacing) == 1:
+        spacing = spacing * ref.data.ndim
+    if len(spacing) != ref.data.ndim:
+        raise InputError(
+            f"--spacing has {len(spacing)} values for a {ref.data.ndim}D image; give one per axis"
+        )
+    result = evaluate(
+        pred.data,
+        ref.data,
+        spacing=spacing,
+        distances=not args.no_distances,
+        per_slice=args.per_slice,
+    )
+    if args.json:
+        print(json.dumps(_finite(result)))  # noqa: T201
+        return 0
+    unit = f" {ref.unit}" if ref.unit else ""
+    for key, value in result.items():
+        if key in ("per_class", "per_slice"):
+            continue
+        if value is None:
+            print(f"{key:<20} not computed")  # noqa: T201
+            continue
+        suffix = unit if key in ("hd", "hd95", "assd") else ""
+        print(f"{key:<20} {value:.4f}{suffix}")  # noqa: T201
+    for c, entry in result["per_class"].items():  # type: ignore[union-attr]
+        print(f"class {c}: dice {entry['dice']:.4f}  iou {entry['iou']:.4f}")  # noqa: T201
     return 0
 
 
@@ -181,7 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    commands = {"segment": _cmd_segment, "models": _cmd_models, "demo": _cmd_demo}
+    commands = {
+        "segment": _cmd_segment,
+        "evaluate": _cmd_evaluate,
+        "models": _cmd_models,
+        "demo": _cmd_demo,
+    }
     try:
         return commands[args.command](args)
     except SegtoolError as exc:

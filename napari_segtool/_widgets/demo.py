@@ -33,6 +33,7 @@ def run_demo(
     if screenshot is None and not segment:
         napari.run()
         return 0
+    viewer.window.resize(1400, 850)
 
     def finish() -> None:
         if screenshot is not None:

@@ -127,3 +127,14 @@ def test_parse_tile_shape():
     assert parse_tile_shape("model default") is None
     with pytest.raises(InputError):
         parse_tile_shape("0, 5")
+
+
+def test_missing_model_file_is_a_notification(viewer_and_widget, qtbot, errors, tmp_path):
+    viewer, widget = viewer_and_widget
+    viewer.add_image(np.random.default_rng(3).random((32, 32)), name="im")
+    widget._model.value = "model file..."
+    assert not widget._model_file.native.isHidden()
+    widget._model_file.value = tmp_path / "gone.pt"
+    run(qtbot, widget)
+    assert "gone.pt: no such model file" in errors[-1]
+    assert "im prediction" not in viewer.layers
