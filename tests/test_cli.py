@@ -102,3 +102,40 @@ def test_console_script_is_installed():
     )
     for cmd in ("segment", "models", "demo"):
         assert cmd in out.stdout
+
+
+def test_evaluate_json_keys_and_spacing_from_metadata(tmp_path, capsys):
+    ref = np.zeros((4, 20, 20), np.uint8)
+    ref[1:3, 5:15, 5:15] = 1
+    pred = np.zeros_like(ref)
+    pred[1:3, 6:16, 5:15] = 1
+    r = write_image(tmp_path / "ref.tif", ref, spacing=(3.0, 0.5, 0.5), unit="mm")
+    p = write_image(tmp_path / "pred.tif", pred, spacing=(3.0, 0.5, 0.5), unit="mm")
+    assert main(["evaluate", str(p), str(r), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    keys = {"dice", "iou", "pixel_accuracy", "mean_pixel_accuracy", "precision", "recall",
+            "specificity", "voe", "rvd", "hd", "hd95", "assd", "per_class"}  # fmt: skip
+    assert keys <= set(out)
+    assert out["dice"] == 0.9  # 180 of 200 voxels shared on each side
+    assert out["hd"] == 0.5  # one voxel along Y, 0.5 mm
+    assert set(out["per_class"]["1"]) >= {"dice", "hd95"}
+    assert main(["evaluate", str(p), str(r), "--json", "--spacing", "1,1,1"]) == 0
+    assert json.loads(capsys.readouterr().out)["hd"] == 1.0
+
+
+def test_evaluate_empty_prediction_gives_null_distances(tmp_path, capsys):
+    ref = np.zeros((8, 8), np.uint8)
+    ref[2:4, 2:4] = 1
+    r = write_image(tmp_path / "ref.tif", ref)
+    p = write_image(tmp_path / "pred.tif", np.zeros_like(ref))
+    assert main(["evaluate", str(p), str(r), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dice"] == 0.0
+    assert out["hd"] is None
+
+
+def test_evaluate_shape_mismatch_is_an_error(tmp_path, capsys):
+    a = write_image(tmp_path / "a.tif", np.zeros((4, 4), np.uint8))
+    b = write_image(tmp_path / "b.tif", np.zeros((4, 5), np.uint8))
+    assert main(["evaluate", str(a), str(b)]) == 2
+    assert "differ in shape" in capsys.readouterr().err

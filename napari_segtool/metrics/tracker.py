@@ -203,7 +203,7 @@ class ConfusionTracker:
         ref_sz = cm.sum(2)[:, 1:]
         den = pred_sz + ref_sz
         present = den > 0
-        dice = np.where(present, 2 * tp / np.maximum(den, 1), np.nan)
-        with np.errstate(invalid="ignore"):
-            mean = np.nanmean(np.where(present, dice, np.nan), axis=1) if dice.size else dice
-        return np.where(present.any(1), mean, 1.0)
+        dice = np.where(present, 2 * tp / np.maximum(den, 1), 0.0)
+        n_present = present.sum(1)
+        mean = dice.sum(1) / np.maximum(n_present, 1)
+        return np.where(n_present > 0, mean, 1.0)
