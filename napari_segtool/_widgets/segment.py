@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 FROM_FILE = "model file..."
 CHECKSUM_KEY = "segtool_checksum"
+ORIGINAL_KEY = "segtool_original"  # frozen copy of the prediction: the Review widget's baseline
 SOURCE_KEY = "segtool_source"
 
 
@@ -230,7 +231,9 @@ class SegmentWidget(Container):
     # -- output layers ------------------------------------------------------------------------
     def _write_labels(self, name: str, labels: np.ndarray, job: SegmentJob) -> str:
         layers = self._viewer.layers
-        meta = {CHECKSUM_KEY: checksum(labels), SOURCE_KEY: job.model}
+        original = labels.copy()
+        original.setflags(write=False)
+        meta = {CHECKSUM_KEY: checksum(labels), SOURCE_KEY: job.model, ORIGINAL_KEY: original}
         if name in layers:
             old = layers[name]
             unedited = (

@@ -78,6 +78,14 @@ class ConfusionTracker:
         k = max(2, _class_count(self.pred, self.ref))
         self.confusion = slice_confusion(self.pred, self.ref, k)
 
+    def adopt(self, confusion: NDArray[np.int64], pred: NDArray, ref: NDArray) -> None:
+        """Take counts computed elsewhere (e.g. by :func:`slice_confusion` in a worker)."""
+        check_pair(pred, ref)
+        n_slices = pred.shape[0] if pred.ndim >= 3 else 1
+        if confusion.ndim != 3 or confusion.shape[0] != n_slices:
+            raise InputError(f"counts of shape {confusion.shape} do not fit {pred.shape}")
+        self.pred, self.ref, self.confusion = pred, ref, confusion
+
     def _grow(self, k: int) -> None:
         if k > self.n_classes:
             old = self.confusion

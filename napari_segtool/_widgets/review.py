@@ -1,0 +1,292 @@
+"""The Review dock widget: live Dice/IoU and the rest while the user corrects a mask."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import napari
+import napari.layers
+import numpy as np
+from magicgui.widgets import Container, Label, PushButton, create_widget
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+
+from napari_segtool._widgets.segment import ORIGINAL_KEY
+from napari_segtool.errors import SegtoolError
+from napari_segtool.metrics import ConfusionTracker, evaluate, slice_confusion
+from napari_segtool.metrics.report import SUMMARY_KEYS
+
+logger = logging.getLogger(__name__)
+
+RECOUNT_IN_WORKER = 32 * 2**20  # voxels above which a full recount leaves the UI thread
+DISTANCE_KEYS = ("hd", "hd95", "assd")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if np.isinf(value) else f"{value:.4f}"
+    return str(value)
+
+
+class ReviewWidget(Container):
+    """Compare an edited Labels layer with a reference, live while painting."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._edited = create_widget(annotation="napari.layers.Labels", label="edited")
+        self._reference = create_widget(annotation="napari.layers.Labels", label="reference")
+        self._status = Label(label="", value="")
+        self._effort = Label(label="edit effort", value="-")
+        self._distances = PushButton(text="Compute distances (HD, HD95, ASSD)")
+        self.extend([self._edited, self._reference, self._status, self._effort,
+                     self._distances])  # fmt: skip
+        self.summary = QTableWidget(len(SUMMARY_KEYS), 2)
+        self.summary.setHorizontalHeaderLabels(["image", "slice"])
+        self.summary.setVerticalHeaderLabels(list(SUMMARY_KEYS))
+        self.summary.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.slices = QTableWidget(0, 2)
+        self.slices.setHorizontalHeaderLabels(["Dice", "IoU"])
+        self.slices.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.slices.cellClicked.connect(self._jump_to_slice)
+        self._figure = Figure(figsize=(3, 1.6), tight_layout=True)
+        self._axes = self._figure.add_subplot()
+        self._canvas = FigureCanvasQTAgg(self._figure)
+        for w in (self.summary, self.slices, self._canvas):
+            self.native.layout().addWidget(w)
+        self.tracker: ConfusionTracker | None = None
+        self.effort_tracker: ConfusionTracker | None = None
+        self._layers: tuple[napari.layers.Labels, napari.layers.Labels] | None = None
+        self._history: list[tuple[float, float]] = []
+        self._t0 = time.monotonic()
+        self._workers: list[Any] = []
+        self._edited.changed.connect(self.attach)
+        self._reference.changed.connect(self.attach)
+        self._distances.changed.connect(self.compute_distances)
+        self._viewer.dims.events.current_step.connect(self._refresh_slice_column)
+        self.attach()
+
+    # -- wiring ------------------------------------------------------------------------------
+    def _detach(self) -> None:
+        if self._layers is None:
+            return
+        edited, reference = self._layers
+        edited.events.paint.disconnect(self._on_edited_paint)
+        reference.events.paint.disconnect(self._on_reference_paint)
+        edited.events.set_data.disconnect(self._on_set_data)
+        reference.events.set_data.disconnect(self._on_set_data)
+        self._layers = None
+        self.tracker = self.effort_tracker = None
+
+    def attach(self, *_: Any) -> None:
+        """Start tracking the chosen pair (called when either picker changes)."""
+        self._detach()
+        edited, reference = self._edited.value, self._reference.value
+        if edited is None or reference is None:
+            self._status.value = "pick an edited layer and a reference"
+            return
+        if edited is reference:
+            self._status.value = "pick two different layers"
+            return
+        problem = self._mismatch(edited, reference)
+        if problem:
+            self._status.value = "cannot compare"
+            show_error(f"Review: {problem}")
+            return
+        try:
+            self.tracker = ConfusionTracker(np.asarray(edited.data), np.asarray(reference.data))
+            original = edited.metadata.get(ORIGINAL_KEY)
+            if isinstance(original, np.ndarray) and original.shape == edited.data.shape:
+                self.effort_tracker = ConfusionTracker(edited.data, original)
+        except SegtoolError as exc:
+            show_error(f"Review: {exc}")
+            return
+        self._layers = (edited, reference)
+        edited.events.paint.connect(self._on_edited_paint)
+        reference.events.paint.connect(self._on_reference_paint)
+        edited.events.set_data.connect(self._on_set_data)
+        reference.events.set_data.connect(self._on_set_data)
+        self._history = []
+        self._t0 = time.monotonic()
+        self._status.value = f"{edited.name} vs {reference.name}"
+        self._build_slice_table()
+        self.refresh()
+
+    @staticmethod
+    def _mismatch(edited: napari.layers.Labels, reference: napari.layers.Labels) -> str:
+        if edited.data.shape != reference.data.shape:
+            return (f"'{edited.name}' has shape {edited.data.shape} but '{reference.name}' has "
+                    f"{reference.data.shape}; pick layers of the same image")  # fmt: skip
+        if not np.allclose(edited.scale, reference.scale):
+            return (f"'{edited.name}' has scale {tuple(edited.scale)} but '{reference.name}' "
+                    f"has {tuple(reference.scale)}; their voxels do not line up")  # fmt: skip
+        return ""
+
+    # -- events -----------------------------------------------------------------------------
+    def _on_edited_paint(self, event: Any) -> None:
+        assert self.tracker is not None
+        self.tracker.apply_atoms(event.value, which="pred")
+        if self.effort_tracker is not None:
+            self.effort_tracker.apply_atoms(event.value, which="pred")
+        self.refresh(_touched(event.value, self.tracker))
+
+    def _on_reference_paint(self, event: Any) -> None:
+        assert self.tracker is not None
+        self.tracker.apply_atoms(event.value, which="ref")
+        self.refresh(_touched(event.value, self.tracker))
+
+    def _on_set_data(self, *_: Any) -> None:
+        """Undo, redo or new data: no paint event, so count everything again."""
+        if self._layers is None:
+            return
+        edited, reference = self._layers
+        pred, ref = np.asarray(edited.data), np.asarray(reference.data)
+        if pred.size <= RECOUNT_IN_WORKER:
+            self.tracker.recount(pred, ref)  # type: ignore[union-attr]
+            if self.effort_tracker is not None:
+                self.effort_tracker.recount(pred)
+            self.refresh()
+            return
+        snapshot = (pred.copy(), ref.copy())
+        self._status.value = "recounting..."
+        k = max(2, int(max(snapshot[0].max(), snapshot[1].max())) + 1)
+        worker = create_worker(slice_confusion, *snapshot, k,
+                               _connect={"returned": self._recounted,
+                                         "errored": self._on_error})  # fmt: skip
+        self._workers.append(worker)
+
+    def _recounted(self, confusion: np.ndarray) -> None:
+        if self.tracker is not None and self._layers is not None:
+            edited, reference = self._layers
+            self.tracker.adopt(confusion, np.asarray(edited.data), np.asarray(reference.data))
+            self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
+            self.refresh()
+
+    def _on_error(self, exc: Exception) -> None:
+        show_error(f"Review: {exc}")
+
+    # -- display ----------------------------------------------------------------------------
+    def _current_slice(self) -> int | None:
+        if self.tracker is None or self.tracker.pred.ndim < 3:
+            return None
+        return int(self._viewer.dims.current_step[0])
+
+    def refresh(self, touched: set[int] | None = None) -> None:
+        """Redraw the tables from the tracker's counts (cheap: no pass over the voxels)."""
+        if self.tracker is None:
+            return
+        whole = self.tracker.metrics()
+        for row, key in enumerate(SUMMARY_KEYS):
+            if key not in DISTANCE_KEYS:
+                self.summary.setItem(row, 0, QTableWidgetItem(_fmt(whole[key])))
+        self._refresh_slice_column()
+        rows = range(self.tracker.n_slices) if touched is None else sorted(touched)
+        self._update_slice_rows(rows)
+        if self.effort_tracker is not None:
+            changed = int(self.effort_tracker.totals().sum() - np.trace(
+                self.effort_tracker.totals()))  # fmt: skip
+            share = changed / max(self.effort_tracker.pred.size, 1)
+            self._effort.value = f"{changed} voxels changed ({100 * share:.2f} %)"
+        self._history.append((time.monotonic() - self._t0, float(whole["dice"])))
+        self._plot()
+
+    def _refresh_slice_column(self, *_: Any) -> None:
+        z = self._current_slice()
+        if self.tracker is None:
+            return
+        m = self.tracker.metrics(z) if z is not None else self.tracker.metrics()
+        for row, key in enumerate(SUMMARY_KEYS):
+            if key not in DISTANCE_KEYS:
+                self.summary.setItem(row, 1, QTableWidgetItem(_fmt(m[key])))
+
+    def _build_slice_table(self) -> None:
+        n = self.tracker.n_slices if self.tracker is not None else 0
+        self.slices.setRowCount(n if self.tracker is not None and self.tracker.pred.ndim >= 3
+                                else 0)  # fmt: skip
+
+    def _update_slice_rows(self, rows: Any) -> None:
+        if self.tracker is None or self.slices.rowCount() == 0:
+            return
+        for z in rows:
+            m = self.tracker.metrics(z)
+            self.slices.setItem(z, 0, QTableWidgetItem(_fmt(m["dice"])))
+            self.slices.setItem(z, 1, QTableWidgetItem(_fmt(m["iou"])))
+
+    def _plot(self) -> None:
+        ax = self._axes
+        ax.clear()
+        if self._history:
+            t, d = zip(*self._history, strict=True)
+            ax.plot(t, d, marker=".", lw=1)
+        ax.set_xlabel("editing time (s)", fontsize=7)
+        ax.set_ylabel("Dice", fontsize=7)
+        ax.tick_params(labelsize=6)
+        self._canvas.draw_idle()
+
+    def _jump_to_slice(self, row: int, _col: int = 0) -> None:
+        self._viewer.dims.set_current_step(0, row)
+
+    # -- distances ----------------------------------------------------------------------------
+    def compute_distances(self, *_: Any) -> Any:
+        """HD, HD95 and ASSD of the whole image and the current slice, in a worker."""
+        if self._layers is None:
+            show_error("Review: pick an edited layer and a reference first")
+            return None
+        edited, reference = self._layers
+        pred, ref = np.asarray(edited.data).copy(), np.asarray(reference.data).copy()
+        spacing = tuple(edited.scale)
+        z = self._current_slice()
+
+        def job() -> tuple[dict, dict | None]:
+            whole = evaluate(pred, ref, spacing=spacing)
+            if z is None:
+                return whole, None
+            return whole, evaluate(pred[z], ref[z], spacing=spacing[1:])
+
+        self._distances.enabled = False
+        self._status.value = "computing distances..."
+        worker = create_worker(job, _connect={"returned": self._show_distances,
+                                              "errored": self._on_error,
+                                              "finished": self._distances_done})  # fmt: skip
+        self._workers.append(worker)
+        return worker
+
+    def _show_distances(self, result: tuple[dict, dict | None]) -> None:
+        whole, current = result
+        for row, key in enumerate(SUMMARY_KEYS):
+            if key in DISTANCE_KEYS:
+                self.summary.setItem(row, 0, QTableWidgetItem(_fmt(whole[key])))
+                if current is not None:
+                    self.summary.setItem(row, 1, QTableWidgetItem(_fmt(current[key])))
+        if self._layers is not None:
+            self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
+
+    def _distances_done(self) -> None:
+        self._distances.enabled = True
+
+    # -- for tests and scripting --------------------------------------------------------------
+    def value(self, key: str, column: int = 0) -> str:
+        """Text shown for metric ``key`` (column 0: whole image, 1: current slice)."""
+        item = self.summary.item(SUMMARY_KEYS.index(key), column)
+        return item.text() if item is not None else ""
+
+
+def _touched(atoms: Any, tracker: ConfusionTracker) -> set[int] | None:
+    """Slices along Z that a paint event changed (None: recompute every row)."""
+    if tracker.pred.ndim < 3:
+        return None
+    zs: set[int] = set()
+    for atom in atoms:
+        if hasattr(atom, "slice_key"):
+            s = atom.slice_key[0]
+            zs.update(range(s.start or 0, s.stop if s.stop is not None else tracker.n_slices))
+        else:
+            zs.update(int(v) for v in np.unique(np.asarray(atom[0][0])))
+    return zs

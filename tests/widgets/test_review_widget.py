@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from napari_segtool._widgets import review as review_module
+from napari_segtool._widgets.review import ReviewWidget
+from napari_segtool.metrics import evaluate, overlap_metrics
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    shown = []
+    monkeypatch.setattr(review_module, "show_error", shown.append)
+    return shown
+
+
+def make_pair(viewer, shape=(5, 40, 50)):
+    rng = np.random.default_rng(0)
+    ref = np.zeros(shape, np.uint8)
+    ref[:, 10:30, 10:40] = 1
+    pred = ref.copy()
+    pred[:, 12:34, 8:40] = 1
+    pred[rng.random(shape) < 0.02] = 0
+    reference = viewer.add_labels(ref, name="reference", scale=(2.0, 1.0, 1.0))
+    edited = viewer.add_labels(pred, name="edited", scale=(2.0, 1.0, 1.0))
+    return edited, reference
+
+
+def open_review(viewer, edited, reference):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Review")
+    assert isinstance(widget, ReviewWidget)
+    widget._edited.value = edited
+    widget._reference.value = reference
+    return widget
+
+
+def test_dice_follows_painting(make_napari_viewer):
+    viewer = make_napari_viewer()
+    edited, reference = make_pair(viewer)
+    widget = open_review(viewer, edited, reference)
+    before = overlap_metrics(edited.data, reference.data)["dice"]
+    assert widget.value("dice") == f"{before:.4f}"
+    viewer.dims.set_current_step(0, 2)
+    edited.selected_label = 0
+    edited.brush_size = 9
+    edited.paint((2, 32, 20), 0)  # erase a false-positive band on slice 2
+    edited.fill((3, 0, 0), 1)  # flood slice 3's background: many false positives
+    after = overlap_metrics(edited.data, reference.data)
+    assert after["dice"] != pytest.approx(before)
+    assert widget.value("dice") == f"{after['dice']:.4f}"
+    assert widget.value("iou") == f"{after['iou']:.4f}"
+    slice2 = overlap_metrics(edited.data[2], reference.data[2])
+    assert widget.value("dice", column=1) == f"{slice2['dice']:.4f}"
+    assert widget.slices.item(3, 0).text() == (
+        f"{overlap_metrics(edited.data[3], reference.data[3])['dice']:.4f}"
+    )
+    edited.undo()  # no paint event: a full recount
+    assert widget.value("dice") == f"{overlap_metrics(edited.data, reference.data)['dice']:.4f}"
+
+
+def test_reference_edits_count_and_rows_jump(make_napari_viewer):
+    viewer = make_napari_viewer()
+    edited, reference = make_pair(viewer)
+    widget = open_review(viewer, edited, reference)
+    reference.paint((1, 20, 20), 0)
+    expected = overlap_metrics(edited.data, reference.data)["dice"]
+    assert widget.value("dice") == f"{expected:.4f}"
+    widget._jump_to_slice(4)
+    assert viewer.dims.current_step[0] == 4
+
+
+def test_distances_on_demand(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    edited, reference = make_pair(viewer)
+    widget = open_review(viewer, edited, reference)
+    assert widget.value("hd95") == ""
+    worker = widget.compute_distances()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    full = evaluate(edited.data, reference.data, spacing=(2.0, 1.0, 1.0))
+    assert widget.value("hd95") == f"{full['hd95']:.4f}"
+
+
+def test_edit_effort_against_the_original_prediction(make_napari_viewer):
+    viewer = make_napari_viewer()
+    edited, reference = make_pair(viewer)
+    original = edited.data.copy()
+    edited.metadata["segtool_original"] = original
+    widget = open_review(viewer, edited, reference)
+    assert widget._effort.value.startswith("0 voxels changed")
+    edited.data_setitem((np.array([0, 0]), np.array([0, 1]), np.array([0, 0])), 3)
+    assert widget._effort.value.startswith("2 voxels changed")
+
+
+def test_mismatched_layers_are_a_notification(make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    a = viewer.add_labels(np.zeros((4, 10, 10), np.uint8), name="a")
+    b = viewer.add_labels(np.zeros((4, 10, 12), np.uint8), name="b")
+    widget = open_review(viewer, a, b)
+    assert any("shape" in e for e in errors)
+    assert widget.tracker is None
+    c = viewer.add_labels(np.zeros((4, 10, 10), np.uint8), name="c", scale=(3, 1, 1))
+    widget._reference.value = c
+    assert "scale" in errors[-1]
