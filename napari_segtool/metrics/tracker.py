@@ -154,17 +154,47 @@ class ConfusionTracker:
             )
         if old.size == 0:
             return 0
-        if self.pred.ndim >= 3:
-            z0 = box[0].start or 0
-            if counts_per_plane is None:
-                plane = int(np.prod(other_box.shape[1:]))
-                counts_per_plane = np.full(other_box.shape[0], plane)
-            z = np.repeat(np.arange(z0, z0 + len(counts_per_plane)), counts_per_plane)
-        else:
-            z = np.zeros(old.size, np.int64)
-        new = np.broadcast_to(np.asarray(new_value), old.shape)
-        self._update(z, other, old, new, which)
+        new = np.asarray(new_value)
+        if self.pred.ndim < 3:
+            self._update_plane(0, other, old, new, which)
+            return int(old.size)
+        z0 = box[0].start or 0
+        if counts_per_plane is None:
+            plane = int(np.prod(other_box.shape[1:]))
+            counts_per_plane = np.full(other_box.shape[0], plane)
+        # values are in C order, so each plane of the box is one contiguous run
+        start = 0
+        for i, count in enumerate(counts_per_plane.tolist()):
+            if count:
+                end = start + count
+                self._update_plane(z0 + i, other[start:end], old[start:end], new, which)
+                start = end
         return int(old.size)
+
+    def _update_plane(
+        self, z: int, other: NDArray, old: NDArray, new: NDArray, which: Which
+    ) -> None:
+        """One slice's voxels changed from ``old`` to ``new`` (a scalar or one per voxel)."""
+        k_needed = int(max(old.max(), new.max(), other.max())) + 1
+        self._grow(k_needed)
+        k = self.n_classes
+        cm = self.confusion[z]
+        other = other.astype(np.intp, copy=False)
+        before = np.bincount(other * k + old, minlength=k * k).reshape(k, k)
+        if which == "pred":  # cm[ref, pred]
+            cm -= before
+        else:
+            cm -= before.T
+        if new.ndim == 0:  # a brush or fill paints one label: count the other image only
+            col = np.bincount(other, minlength=k)
+            if which == "pred":
+                cm[:, int(new)] += col
+            else:
+                cm[int(new), :] += col
+            return
+        after = np.bincount(other * k + np.broadcast_to(new, old.shape), minlength=k * k)
+        after = after.reshape(k, k)
+        cm += after if which == "pred" else after.T
 
     def _update(
         self, z: NDArray, other: NDArray, old: NDArray, new: NDArray, which: Which
