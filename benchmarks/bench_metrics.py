@@ -92,9 +92,11 @@ def _object(shape: tuple[int, ...], rng: np.random.Generator, shift: float) -> n
 
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     cz, cy, cx = shape[0] / 2, shape[1] / 2 + shift, shape[2] / 2
-    ell = ((z - cz) / (shape[0] * 0.3)) ** 2 + ((y - cy) / (shape[1] * 0.3)) ** 2 + (
-        (x - cx) / (shape[2] * 0.25)
-    ) ** 2
+    ell = (
+        ((z - cz) / (shape[0] * 0.3)) ** 2
+        + ((y - cy) / (shape[1] * 0.3)) ** 2
+        + ((x - cx) / (shape[2] * 0.25)) ** 2
+    )
     noise = ndimage.zoom(rng.normal(size=(8, 16, 16)), [s / n for s, n in
                                                           zip(shape, (8, 16, 16), strict=True)],
                          order=1)  # fmt: skip

@@ -1,7 +1,9 @@
 """The ``napari-segtool`` command line.
 
-Subcommands: ``segment`` (headless tiled inference on a file), ``models`` (list bundled
-models), ``demo`` (napari with the plugin and a sample). Errors print one line to stderr and
+Subcommands: ``segment`` (headless tiled inference on a file), ``evaluate`` (metrics of a
+label image against a reference), ``train`` (train or fine-tune a model on labels, optionally
+only where a mask says they count), ``models`` (list bundled models), ``demo`` (napari with
+the plugin and a sample). Errors print one line to stderr and
 exit with status 2 (bad input) or 1 (anything else).
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_segtool.config import DEVICES, InferenceConfig
+from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig, ModelConfig
 from napari_segtool.errors import InputError, SegtoolError
 
 logger = logging.getLogger("napari_segtool")
@@ -102,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-distances", action="store_true", help="skip HD, HD95 and ASSD")
     ev.add_argument("--per-slice", action="store_true", help="add overlap metrics per slice")
 
+    fdef = FinetuneConfig()
+    tr = sub.add_parser("train", help="train or fine-tune a model on (partial) labels")
+    tr.add_argument("image", type=Path, help="image (TIFF): 2D, RGB or a 3D stack")
+    tr.add_argument("labels", type=Path, help="training labels (TIFF, classes 0..n-1)")
+    tr.add_argument("-o", "--output", type=Path, required=True, help="model file to write")
+    tr.add_argument("--init", help="start from this model (bundled name or file); default: new")
+    tr.add_argument("--mask", type=Path, help="TIFF: nonzero where the labels count")
+    tr.add_argument("--epochs", type=int, default=fdef.epochs)
+    tr.add_argument("--steps-per-epoch", type=int, default=fdef.steps_per_epoch)
+    tr.add_argument("--batch-size", type=int, default=fdef.batch_size)
+    tr.add_argument("--patch-shape", type=_tile_shape, help="training patch, e.g. 256,256")
+    tr.add_argument("--learning-rate", type=float, help="default: 5e-4 fine-tuning, 2e-3 new")
+    tr.add_argument("--validation-fraction", type=float, default=fdef.validation_fraction)
+    tr.add_argument("--patience", type=int, default=fdef.patience)
+    tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="a new model's dims")
+    tr.add_argument("--device", choices=DEVICES, default=fdef.device)
+    tr.add_argument("--seed", type=int, default=fdef.seed)
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the training run saved in --init (epoch count, optimizer) to --epochs",
+    )
     sub.add_parser("models", help="list the bundled models").add_argument(
         "--json", action="store_true", help="print JSON"
     )
@@ -110,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sample", choices=("isbi_em", "ct_small"), default="isbi_em")
     demo.add_argument("--screenshot", type=Path, help="save a window screenshot and exit")
     demo.add_argument("--segment", action="store_true", help="click Segment first")
+    demo.add_argument(
+        "--review", action="store_true", help="segment, dock Review and correct part of a slice"
+    )
     return parser
 
 
@@ -207,6 +234,75 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from napari_segtool.inference import resolve_device
+    from napari_segtool.io import read_image
+    from napari_segtool.model import SegmentationModel, load_model
+    from napari_segtool.training.finetune import LabelledImage, iter_finetune
+
+    resolve_device(args.device)
+    image = read_image(args.image)
+    labels = read_image(args.labels).data
+    if labels.dtype.kind not in "biu":
+        raise InputError(f"{args.labels}: labels must be integers, not {labels.dtype}")
+    mask = None
+    if args.mask is not None:
+        mask = read_image(args.mask).data != 0
+    n_classes = max(2, int(labels.max()) + 1)
+    if args.init:
+        model = load_model(args.init)
+        if args.resume and model.training_state is None:
+            raise InputError(f"{args.init}: holds no training run to resume")
+    else:
+        if args.resume:
+            raise InputError("--resume needs --init MODEL (the model file of the run to continue)")
+        rgb = image.data.ndim == labels.ndim + 1
+        model = SegmentationModel.new(
+            ModelConfig(
+                spatial_dims=args.dims,
+                in_channels=image.data.shape[-1] if rgb else 1,
+                out_channels=n_classes,
+            ),
+            seed=args.seed,
+            name=args.output.stem,
+        )
+    lr = args.learning_rate or (5e-4 if args.init else 2e-3)
+    config = FinetuneConfig(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        patch_shape=args.patch_shape,
+        learning_rate=lr,
+        validation_fraction=args.validation_fraction,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+    )
+    gen = iter_finetune(
+        model,
+        [LabelledImage(image.data, labels, mask)],
+        config=config,
+        resume=args.resume,
+        progress_every=None,
+    )
+    try:
+        while True:
+            report = next(gen)
+            logger.info(
+                "epoch %d/%d loss %.4f val dice %s",
+                report.epoch,
+                args.epochs,
+                report.train_loss,
+                "-" if report.val_dice is None else f"{report.val_dice:.4f}",
+            )
+    except StopIteration as stop:
+        result = stop.value
+    result.model.trained_on["files"] = {"image": str(args.image), "labels": str(args.labels)}
+    result.model.save(args.output)
+    print(json.dumps({"output": str(args.output), **result.summary()}))  # noqa: T201
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from napari_segtool.model import list_models, load_model
 
@@ -244,7 +340,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # the demo is a napari window, so it lives with the widgets
     from napari_segtool._widgets.demo import run_demo
 
-    return run_demo(args.sample, screenshot=args.screenshot, segment=args.segment)
+    return run_demo(
+        args.sample, screenshot=args.screenshot, segment=args.segment, review=args.review
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "segment": _cmd_segment,
         "evaluate": _cmd_evaluate,
+        "train": _cmd_train,
         "models": _cmd_models,
         "demo": _cmd_demo,
     }

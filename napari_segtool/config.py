@@ -182,3 +182,57 @@ class TrainingConfig:
             raise InputError("steps and steps_per_epoch must be >= 1")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning round on a user's corrections.
+
+    Attributes
+    ----------
+    epochs, steps_per_epoch : int
+        At most ``epochs * steps_per_epoch`` optimisation steps; validation after each epoch.
+    batch_size : int
+        Patches per step (and tiles per batch when validating).
+    patch_shape : tuple of int or None
+        Training patch; ``None`` uses the model's tile shape, shrunk to the labelled images.
+    learning_rate : float
+        AdamW learning rate (cosine decay over the round); lower than training from scratch
+        so a good model is adjusted, not relearned.
+    validation_fraction : float
+        Share of the labelled slices (or blocks of a 2D image) held out to validate.
+    patience : int
+        Stop after this many epochs without a better validation Dice.
+    seed : int
+        Seeds the validation split, patch sampling and augmentation.
+    device, amp
+        As for inference.
+    """
+
+    epochs: int = 8
+    steps_per_epoch: int = 20
+    batch_size: int = 4
+    patch_shape: tuple[int, ...] | None = None
+    learning_rate: float = 5e-4
+    validation_fraction: float = 0.25
+    patience: int = 3
+    seed: int = 0
+    device: Device = "auto"
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise InputError("epochs, steps_per_epoch and batch_size must be >= 1")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise InputError(
+                f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
+            )
+        if self.learning_rate <= 0:
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.patience < 1:
+            raise InputError(f"patience must be >= 1, got {self.patience}")
+        if self.device not in DEVICES:
+            raise InputError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+    def replace(self, **changes: Any) -> FinetuneConfig:
+        return replace(self, **changes)

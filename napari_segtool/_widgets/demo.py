@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import napari
+import napari.layers
+import numpy as np
 from qtpy.QtCore import QTimer
 
 from napari_segtool._widgets.segment import SegmentWidget
@@ -20,16 +22,46 @@ def open_demo(sample: str = "isbi_em") -> tuple[napari.Viewer, SegmentWidget]:
     return viewer, widget
 
 
+def correct_like_a_user(
+    edited: napari.layers.Labels, reference: napari.layers.Labels, z: int, box: int = 160
+) -> int:
+    """Copy the reference into ``edited`` in a ``box`` square of slice ``z``, as paint edits.
+
+    Goes through ``Labels.data_setitem`` (which sends the same paint events as the brush), one
+    edit per label value, so a Review widget watching the layer updates as if a user painted.
+    Returns the number of voxels changed.
+    """
+    pred, ref = edited.data, reference.data
+    h, w = pred.shape[-2:]
+    y0, x0 = (h - box) // 2, (w - box) // 2
+    region = (z, slice(y0, y0 + box), slice(x0, x0 + box))
+    wrong = pred[region] != ref[region]
+    ys, xs = np.nonzero(wrong)
+    values = ref[region][wrong]
+    for value in np.unique(values):
+        pick = values == value
+        indices = (np.full(int(pick.sum()), z), ys[pick] + y0, xs[pick] + x0)
+        edited.data_setitem(indices, int(value))
+    return int(wrong.sum())
+
+
 def run_demo(
-    sample: str = "isbi_em", *, screenshot: Path | None = None, segment: bool = False
+    sample: str = "isbi_em",
+    *,
+    screenshot: Path | None = None,
+    segment: bool = False,
+    review: bool = False,
 ) -> int:
     """Open the demo and run napari's event loop until the window closes.
 
     With ``screenshot``, save a picture of the whole window (after segmenting when ``segment``
-    is true) and close instead of waiting for the user.
+    is true) and close instead of waiting for the user. ``review`` (implies ``segment``) docks
+    the Review widget on the prediction against the sample's reference and corrects part of
+    the middle slice through paint edits before the picture.
     """
     viewer, widget = open_demo(sample)
     status = {"code": 0}
+    segment = segment or review
     if screenshot is None and not segment:
         napari.run()
         return 0
@@ -43,7 +75,20 @@ def run_demo(
     def after_run() -> None:
         if widget._status.value == "failed":
             status["code"] = 1
+        elif review:
+            start_review()
         QTimer.singleShot(300, finish)
+
+    def start_review() -> None:
+        labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
+        reference = next(layer for layer in labels if layer.name.endswith("reference"))
+        edited = next(layer for layer in labels if layer.name.endswith("prediction"))
+        _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
+        panel._edited.value = edited
+        panel._reference.value = reference
+        z = int(viewer.dims.current_step[0]) if edited.ndim == 3 else 0
+        correct_like_a_user(edited, reference, z)
+        edited.selected_label = 1
 
     def begin() -> None:
         if segment:

@@ -181,6 +181,7 @@ def iter_segment(
     channel_axis: int | None = None,
     rgb: bool | None = None,
     return_probabilities: bool = False,
+    value_range: tuple[NDArray, NDArray] | None = None,
 ) -> Generator[Progress, None, Segmentation]:
     """Segment an image, yielding progress after every batch of tiles.
 
@@ -201,6 +202,11 @@ def iter_segment(
         has 3 or 4 entries).
     return_probabilities : bool
         Also return the class probabilities (float32, ``n_classes`` times the image's size).
+    value_range : (lo, hi), optional
+        Intensities mapped to 0 and 1 (per channel, as from
+        :func:`~napari_segtool.inference.normalize.percentile_range`). By default they come
+        from this image's percentiles; pass the whole image's range when segmenting a crop so
+        the crop is normalised like the whole.
 
     Yields
     ------
@@ -223,7 +229,10 @@ def iter_segment(
     net_cfg = model.config
     data, ch_axis = _layout(image, net_cfg.spatial_dims, net_cfg.in_channels, channel_axis, rgb)
     check_values(data)
-    lo, hi = percentile_range(data, model.normalization, channel_axis=ch_axis)
+    if value_range is None:
+        lo, hi = percentile_range(data, model.normalization, channel_axis=ch_axis)
+    else:
+        lo, hi = value_range
     if ch_axis is None:
         data = data[np.newaxis]  # (C=1, *spatial)
     spatial = data.shape[1:]
@@ -328,6 +337,7 @@ def segment(
     rgb: bool | None = None,
     return_probabilities: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    value_range: tuple[NDArray, NDArray] | None = None,
 ) -> Segmentation:
     """Plain-function form of :func:`iter_segment`; ``progress(done, total)`` is optional."""
     gen = iter_segment(
@@ -337,6 +347,7 @@ def segment(
         channel_axis=channel_axis,
         rgb=rgb,
         return_probabilities=return_probabilities,
+        value_range=value_range,
     )
     if progress is None:
         return run_to_end(gen)

@@ -13,6 +13,7 @@ dims, default tile shape, what the model was trained on and its training history
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -56,6 +57,9 @@ class SegmentationModel:
         Free-form record of the training data (files, slices, counts).
     history : list of dict
         Training history, one entry per epoch or round.
+    training_state : dict or None
+        Optimizer state, step and epoch of the last training run, so training can resume
+        (``iter_train(..., resume=True)``); saved in the model file when present.
     """
 
     network: UNet
@@ -67,6 +71,7 @@ class SegmentationModel:
     trained_on: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat())
+    training_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         cfg = self.network.config
@@ -119,6 +124,10 @@ class SegmentationModel:
             description="untrained: segment, correct and fine-tune to teach it",
         )
 
+    def copy(self) -> SegmentationModel:
+        """An independent copy (network weights included) to train without touching this one."""
+        return copy.deepcopy(self)
+
     def metadata(self) -> dict[str, Any]:
         from napari_segtool import __version__
 
@@ -146,6 +155,8 @@ class SegmentationModel:
             "metadata": json.dumps(self.metadata()),
             "state_dict": state,
         }
+        if self.training_state is not None:
+            payload["training_state"] = _to_cpu(self.training_state)
         with atomic_path(p) as tmp:
             torch.save(payload, tmp)
         logger.info("saved model %r to %s", self.name, p)
@@ -232,9 +243,21 @@ class SegmentationModel:
                 trained_on=meta.get("trained_on", {}),
                 history=meta.get("history", []),
                 created=meta.get("created", ""),
+                training_state=payload.get("training_state"),
             )
         except KeyError as exc:
             raise CheckpointError(f"{p}: damaged model metadata (missing {exc})") from exc
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of nested dicts/lists with every tensor moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _key_mismatch(network: torch.nn.Module, state: dict[str, Any]) -> tuple[list[str], list[str]]:

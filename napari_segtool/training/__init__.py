@@ -1,15 +1,34 @@
 """Training: patch sampling with an ignore mask, Dice + cross-entropy, a generator loop."""
 
 from napari_segtool.training.data import PatchSampler, augment
-from napari_segtool.training.loop import EpochReport, evaluate, foreground_dice, iter_train
+from napari_segtool.training.finetune import (
+    FinetuneResult,
+    LabelledImage,
+    iter_finetune,
+    labelled_mask,
+    split_validation,
+)
+from napari_segtool.training.loop import (
+    EpochReport,
+    StepProgress,
+    evaluate,
+    foreground_dice,
+    iter_train,
+)
 from napari_segtool.training.losses import dice_ce_loss
 
 __all__ = [
     "EpochReport",
+    "FinetuneResult",
+    "LabelledImage",
     "PatchSampler",
+    "StepProgress",
     "augment",
     "dice_ce_loss",
     "evaluate",
     "foreground_dice",
+    "iter_finetune",
     "iter_train",
+    "labelled_mask",
+    "split_validation",
 ]

@@ -6,7 +6,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,6 +72,18 @@ def evaluate(
     return float(np.mean(dices)), float(sum(errors) / sum(sizes))
 
 
+@dataclass(frozen=True)
+class StepProgress:
+    """Yielded by :func:`iter_train` every ``progress_every`` steps (between epoch reports)."""
+
+    step: int
+    total_steps: int
+    loss: float
+
+
+Validator = Callable[[SegmentationModel], tuple[float, float]]
+
+
 def iter_train(
     model: SegmentationModel,
     sampler: PatchSampler,
@@ -79,7 +91,11 @@ def iter_train(
     config: TrainingConfig,
     validation: Sequence[tuple[NDArray, NDArray]] = (),
     inference: InferenceConfig | None = None,
-) -> Generator[EpochReport, None, SegmentationModel]:
+    validate: Validator | None = None,
+    patience: int | None = None,
+    resume: bool = False,
+    progress_every: int | None = None,
+) -> Generator[EpochReport | StepProgress, None, SegmentationModel]:
     """Train ``model`` in place on patches from ``sampler``, one report per epoch.
 
     Parameters
@@ -93,11 +109,26 @@ def iter_train(
         Steps, batch, learning rate (AdamW with cosine decay), seed, device, mixed precision.
     validation : sequence of (raw image, labels)
         Evaluated with tiled inference after each epoch.
+    validate : callable, optional
+        ``validate(model) -> (dice, pixel_error)``; replaces ``validation`` (fine-tuning
+        scores only the held-out labelled voxels this way).
+    patience : int, optional
+        Stop early after this many epochs without a better validation Dice.
+    resume : bool
+        Continue from ``model.training_state`` (optimizer moments, step and epoch, saved in
+        the model file by :meth:`SegmentationModel.save`): the epoch count and the learning
+        rate schedule go on where they stopped, up to ``config.steps`` steps in all.
+    progress_every : int, optional
+        Also yield a :class:`StepProgress` every this many steps, so a consumer can show
+        progress and cancel within an epoch.
 
     Yields
     ------
     EpochReport
-        After each epoch of ``config.steps_per_epoch`` steps.
+        After each epoch of ``config.steps_per_epoch`` steps (and :class:`StepProgress`
+        in between when ``progress_every`` is given). Closing the generator cancels; the
+        network then holds the best epoch's weights so far (or its weights at the moment of
+        cancelling when no epoch has finished).
 
     Returns
     -------
@@ -111,8 +142,16 @@ def iter_train(
     opt = torch.optim.AdamW(
         net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
+    step = first_epoch = 0
+    state = model.training_state if resume else None
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step, first_epoch = int(state["step"]), int(state["epoch"])
+        rng = np.random.default_rng([config.seed, step])
+    step0 = step
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
+        opt,
+        lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, config.steps) / config.steps)),
     )
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -122,12 +161,18 @@ def iter_train(
         else None
     )
     inference = inference or InferenceConfig(device=config.device, batch_size=4)
+    validator = validate
+    if validator is None and validation:
+
+        def validator(m: SegmentationModel) -> tuple[float, float]:
+            return evaluate(m, validation, inference=inference)
+
     best_score = -math.inf
     best_state = None
+    since_best = 0
     epochs = math.ceil(config.steps / config.steps_per_epoch)
-    step = 0
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             net.train()
             losses = []
@@ -146,10 +191,12 @@ def iter_train(
                 sched.step()
                 losses.append(float(loss.detach()))
                 step += 1
+                if progress_every and step % progress_every == 0:
+                    yield StepProgress(step, config.steps, losses[-1])
             net.eval()
             val_dice = val_err = None
-            if validation:
-                val_dice, val_err = evaluate(model, validation, inference=inference)
+            if validator is not None:
+                val_dice, val_err = validator(model)
             score = val_dice if val_dice is not None else -float(np.mean(losses))
             is_best = score >= best_score
             if is_best or val_dice is None:
@@ -167,8 +214,13 @@ def iter_train(
                 best=is_best,
             )
             model.history.append(report.to_dict())
+            model.training_state = {"optimizer": opt.state_dict(), "step": step, "epoch": epoch}
             logger.info("epoch %d: %s", epoch, report)
             yield report
+            since_best = 0 if is_best else since_best + 1
+            if patience is not None and since_best >= patience:
+                logger.info("no better validation Dice for %d epochs: stopping", patience)
+                break
     finally:
         if best_state is not None:
             net.load_state_dict(best_state)
