@@ -106,6 +106,45 @@ class ProjectState:
                 mask[z] = True
         return mask
 
+    def mark_painted(self, atoms: Any) -> int:
+        """Record the voxels of napari paint-history atoms as painted; returns how many.
+
+        Atoms are ``(indices, old_values, new_value)`` tuples or objects with ``slice_key``
+        and ``mask`` (None: the whole box), as ``Labels.events.paint`` sends them.
+
+        >>> s = ProjectState.start(np.zeros((4, 4), np.uint8))
+        >>> s.mark_painted([((np.array([0, 1]), np.array([2, 2])), np.zeros(2), 1)])
+        2
+        """
+        n = 0
+        for atom in atoms:
+            if hasattr(atom, "slice_key"):
+                box = tuple(atom.slice_key)
+                if atom.mask is None:
+                    self.painted[box] = True
+                    n += int(self.painted[box].size)
+                else:
+                    self.painted[box] |= atom.mask
+                    n += int(np.count_nonzero(atom.mask))
+            else:
+                indices = tuple(np.asarray(i) for i in atom[0])
+                self.painted[indices] = True
+                n += int(indices[0].size)
+        return n
+
+    def snapshot(self) -> ProjectState:
+        """An independent copy (to save in a worker while the user keeps painting)."""
+        return ProjectState(
+            labels=self.labels.copy(),
+            machine=self.machine.copy(),
+            painted=self.painted.copy(),
+            reviewed=set(self.reviewed),
+            versions=[dict(v) for v in self.versions],
+            current_version=self.current_version,
+            base_model=self.base_model,
+            image=dict(self.image),
+        )
+
     def version(self, number: int) -> dict[str, Any]:
         for entry in self.versions:
             if entry["version"] == number:

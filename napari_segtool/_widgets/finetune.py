@@ -1,0 +1,441 @@
+"""The Fine-tune dock widget: train on the user's corrections in the background.
+
+The widget keeps a project (corrections, reviewed slices, model versions) for one labels
+layer, saves it after every round and on a timer, and restores it when the same image is
+opened again. Only what the user changed or marked reviewed trains the model, and
+re-segmenting writes only the voxels the user has not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import napari
+import napari.layers
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+
+from napari_segtool._widgets.segment import ORIGINAL_KEY, SOURCE_KEY
+from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig
+from napari_segtool.errors import InputError, SegtoolError
+from napari_segtool.inference import segment
+from napari_segtool.io.project import Project, ProjectState, default_project_dir, merge_untouched
+from napari_segtool.model import list_models
+from napari_segtool.training import EpochReport, FinetuneResult, StepProgress, iter_finetune
+from napari_segtool.training.versions import (
+    current_model,
+    record_round,
+    switch_version,
+    training_data,
+)
+
+logger = logging.getLogger(__name__)
+
+AUTOSAVE_MS = 60_000
+REVIEW_KEY = "Shift-R"
+FROM_PREDICTION = "model that made the prediction"
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """Everything a round needs, copied on the main thread."""
+
+    image: np.ndarray
+    state: ProjectState  # a snapshot: the user keeps painting while it trains
+    project: Project
+    config: FinetuneConfig
+
+
+def _train(job: FinetuneJob):
+    """Worker body: fine-tune, then save the round as a version (never touches widgets)."""
+    model = current_model(job.project, job.state)
+    result = yield from iter_finetune(
+        model, [training_data(job.image, job.state)], config=job.config
+    )
+    entry = record_round(job.project, job.state, result)
+    return result, entry, job.state
+
+
+def _resegment(project: Project, state: ProjectState, image: np.ndarray, device: str):
+    model = current_model(project, state)
+    return segment(image, model, config=InferenceConfig(device=device)).labels
+
+
+class FinetuneWidget(Container):
+    """Fine-tune on corrections, keep model versions, re-segment what was not touched."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        defaults = FinetuneConfig()
+        self._image = create_widget(annotation="napari.layers.Image", label="image")
+        self._labels = create_widget(annotation="napari.layers.Labels", label="corrected")
+        self._model = ComboBox(
+            label="start from",
+            choices=[FROM_PREDICTION, *(e.name for e in list_models())],
+            value=FROM_PREDICTION,
+        )
+        self._folder = FileEdit(label="project folder", mode="d")
+        self._open = PushButton(text="Open / start project")
+        self._reviewed = Label(label="reviewed", value="-")
+        self._mark = PushButton(text=f"Mark slice reviewed ({REVIEW_KEY})")
+        self._epochs = SpinBox(label="epochs", value=defaults.epochs, min=1, max=500)
+        self._steps = SpinBox(
+            label="steps / epoch", value=defaults.steps_per_epoch, min=1, max=10_000
+        )
+        self._lr = FloatSpinBox(
+            label="learning rate", value=defaults.learning_rate, min=1e-6, max=1.0, step=1e-4
+        )
+        self._lr.native.setDecimals(5)
+        self._device = ComboBox(label="device", choices=DEVICES, value=defaults.device)
+        self._run = PushButton(text="Fine-tune")
+        self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
+        self._use = PushButton(text="Use selected version")
+        self._reseg = PushButton(text="Re-segment untouched")
+        self._status = Label(label="", value="")
+        self.extend([
+            self._image, self._labels, self._model, self._folder, self._open, self._reviewed,
+            self._mark, self._epochs, self._steps, self._lr, self._device, self._run,
+            self._progress, self._use, self._reseg, self._status,
+        ])  # fmt: skip
+        self._figure = Figure(figsize=(3, 1.8), tight_layout=True)
+        self._axes = self._figure.add_subplot()
+        self._canvas = FigureCanvasQTAgg(self._figure)
+        self.versions = QTableWidget(0, 4)
+        self.versions.setHorizontalHeaderLabels(["version", "val Dice", "start Dice", "in use"])
+        self.versions.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.versions.setSelectionBehavior(QAbstractItemView.SelectRows)
+        for w in (self._canvas, self.versions):
+            self.native.layout().addWidget(w)
+
+        self.project: Project | None = None
+        self.state: ProjectState | None = None
+        self._layer: napari.layers.Labels | None = None
+        self._worker: Any = None
+        self._side_workers: list[Any] = []
+        self._curve: list[EpochReport] = []
+        self._dirty = False
+        self._open.changed.connect(self.open_project)
+        self._mark.changed.connect(self.toggle_reviewed)
+        self._run.changed.connect(self._on_run_clicked)
+        self._use.changed.connect(self._use_selected)
+        self._reseg.changed.connect(self.resegment)
+        self._image.changed.connect(self._suggest_folder)
+        self._suggest_folder()
+        self._viewer.bind_key(REVIEW_KEY, self._key_reviewed, overwrite=True)
+        self._timer = QTimer()
+        self._timer.setInterval(AUTOSAVE_MS)
+        self._timer.timeout.connect(self.autosave)
+        self._timer.start()
+        self.native.destroyed.connect(self._teardown)
+
+    # -- project ------------------------------------------------------------------------------
+    def _suggest_folder(self, *_: Any) -> None:
+        layer = self._image.value
+        path = getattr(getattr(layer, "source", None), "path", None)
+        if path:
+            self._folder.value = default_project_dir(path)
+        elif layer is not None:
+            self._folder.value = Path.home() / "segtool-projects" / f"{layer.name}.segtool"
+
+    def open_project(self, *_: Any) -> bool:
+        """Attach to the chosen labels layer: restore its project or start one."""
+        layer, image = self._labels.value, self._image.value
+        try:
+            if layer is None or image is None:
+                raise InputError("pick the image and the corrected labels layer first")
+            spatial = image.data.shape[:-1] if image.rgb else image.data.shape
+            if tuple(layer.data.shape) != tuple(spatial):
+                raise InputError(
+                    f"'{layer.name}' has shape {layer.data.shape} but '{image.name}' has "
+                    f"{tuple(spatial)}; pick the prediction of this image"
+                )
+            folder = Path(str(self._folder.value))
+            if not str(self._folder.value) or str(self._folder.value) == ".":
+                raise InputError("choose a project folder")
+            project = Project(folder)
+            if project.exists():
+                state = project.load()
+                if state.labels.shape != layer.data.shape:
+                    raise InputError(
+                        f"{project.state_path}: saved for shape {state.labels.shape}, not "
+                        f"{layer.data.shape}; choose another project folder"
+                    )
+                layer.data = state.labels  # restore the saved corrections
+                state.labels = layer.data
+                msg = f"restored {len(state.versions)} versions, {len(state.reviewed)} reviewed"
+            else:
+                state = self._new_state(layer, image)
+                project.save(state)
+                msg = "new project"
+        except SegtoolError as exc:
+            show_error(f"Fine-tune: {exc}")
+            return False
+        self._detach()
+        self.project, self.state, self._layer = project, state, layer
+        layer.events.paint.connect(self._on_paint)
+        self._status.value = f"{msg} in {project.folder.name}"
+        self._refresh()
+        return True
+
+    def _new_state(self, layer: napari.layers.Labels, image: napari.layers.Image) -> ProjectState:
+        original = layer.metadata.get(ORIGINAL_KEY)
+        data = np.asarray(layer.data)
+        machine = original if isinstance(original, np.ndarray) else data
+        base = self._model.value
+        if base == FROM_PREDICTION:
+            base = layer.metadata.get(SOURCE_KEY) or list_models()[0].name
+        return ProjectState(
+            labels=data,
+            machine=np.array(machine, copy=True),
+            painted=np.zeros(data.shape, bool),
+            base_model=str(base),
+            image={"name": image.name, "shape": list(data.shape),
+                   "path": str(getattr(image.source, "path", "") or "")},
+        )  # fmt: skip
+
+    def _detach(self) -> None:
+        if self._layer is not None:
+            self._layer.events.paint.disconnect(self._on_paint)
+        self._layer = None
+
+    def _on_paint(self, event: Any) -> None:
+        if self.state is not None:
+            self.state.mark_painted(event.value)
+            self._dirty = True
+
+    def toggle_reviewed(self, *_: Any) -> None:
+        """Mark the current slice reviewed (or unmark it)."""
+        if self.state is None and not self.open_project():
+            return
+        assert self.state is not None
+        z = int(self._viewer.dims.current_step[0]) if self.state.labels.ndim == 3 else 0
+        if z in self.state.reviewed:
+            self.state.reviewed.discard(z)
+        else:
+            self.state.reviewed.add(z)
+        self._dirty = True
+        self._refresh()
+
+    def _key_reviewed(self, _viewer: Any) -> None:
+        self.toggle_reviewed()
+
+    def autosave(self) -> None:
+        """Save in a worker when something changed (called by the timer)."""
+        if self.project is None or self.state is None or not self._dirty:
+            return
+        self._dirty = False
+        snapshot = self.state.snapshot()
+        worker = create_worker(self.project.save, snapshot,
+                               _connect={"errored": self._on_save_error})  # fmt: skip
+        self._side_workers.append(worker)
+
+    def save_now(self) -> None:
+        """Save on this thread (used when closing)."""
+        if self.project is not None and self.state is not None:
+            self.project.save(self.state.snapshot())
+            self._dirty = False
+
+    def _on_save_error(self, exc: Exception) -> None:
+        self._dirty = True
+        show_error(f"Fine-tune: could not save the project: {exc}")
+
+    # -- training -----------------------------------------------------------------------------
+    @property
+    def worker(self) -> Any:
+        return self._worker
+
+    def _collect_config(self) -> FinetuneJob:
+        if self.state is None and not self.open_project():
+            raise InputError("no project")
+        assert self.state is not None
+        assert self.project is not None
+        image = self._image.value
+        data = np.asarray(image.data[0] if image.multiscale else image.data)
+        config = FinetuneConfig(
+            epochs=int(self._epochs.value),
+            steps_per_epoch=int(self._steps.value),
+            learning_rate=float(self._lr.value),
+            device=str(self._device.value),
+        )
+        return FinetuneJob(data, self.state.snapshot(), self.project, config)
+
+    def _on_run_clicked(self, *_: Any) -> None:
+        if self._worker is not None:
+            self.cancel()
+        else:
+            self.start()
+
+    def start(self) -> Any:
+        """Start a fine-tuning round in a worker thread; errors become notifications."""
+        if self._worker is not None:
+            return self._worker
+        try:
+            job = self._collect_config()
+        except SegtoolError as exc:
+            show_error(f"Fine-tune: {exc}")
+            return None
+        self._curve = []
+        self._worker = create_worker(
+            _train,
+            job,
+            _connect={"yielded": self._on_yielded, "returned": self._on_trained,
+                      "errored": self._on_error, "finished": self._on_finished},
+            _start_thread=False,
+        )  # fmt: skip
+        self._run.text = "Cancel"
+        self._progress.value = 0
+        self._status.value = "fine-tuning..."
+        self._worker.start()
+        return self._worker
+
+    def cancel(self, *_: Any) -> None:
+        """Stop after the current step; the model in use and its file stay as they were."""
+        if self._worker is not None:
+            self._status.value = "cancelling..."
+            self._worker.quit()
+
+    def _on_yielded(self, item: Any) -> None:
+        if isinstance(item, StepProgress):
+            self._progress.value = round(100 * item.step / max(item.total_steps, 1))
+            self._status.value = f"step {item.step} / {item.total_steps}, loss {item.loss:.3f}"
+        elif isinstance(item, EpochReport):
+            self._curve.append(item)
+            self._plot()
+
+    def _on_trained(self, out: tuple[FinetuneResult, dict, ProjectState]) -> None:
+        result, entry, saved = out
+        assert self.state is not None
+        self.state.versions = saved.versions
+        self.state.current_version = saved.current_version
+        self._dirty = True  # the round saved its snapshot; the next save adds later edits
+        self._refresh()
+        if entry["promoted"]:
+            self._status.value = f"version {entry['version']} in use: re-segmenting..."
+            self.resegment()
+        else:
+            show_warning(
+                f"Fine-tune: version {entry['version']} scored {entry['val_dice']:.3f} on "
+                f"held-out corrections, below {entry['baseline_dice']:.3f}; kept the model in "
+                "use (select the version and click 'Use selected version' to switch anyway)"
+            )
+            self._status.value = f"version {entry['version']} kept, not used"
+        logger.info("fine-tune round: %s", result.summary())
+
+    def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SegtoolError):
+            show_error(f"Fine-tune: {exc}")
+        else:
+            logger.error("fine-tuning failed", exc_info=exc)
+            show_error(f"Fine-tune failed: {type(exc).__name__}: {exc}")
+        self._status.value = "failed"
+
+    def _on_finished(self) -> None:
+        if self._worker is not None and self._worker.abort_requested:
+            self._status.value = "cancelled: the model in use is unchanged"
+        self._worker = None
+        self._run.text = "Fine-tune"
+
+    # -- versions and re-segmenting -----------------------------------------------------------
+    def _use_selected(self, *_: Any) -> None:
+        if self.project is None or self.state is None:
+            return
+        rows = sorted({i.row() for i in self.versions.selectedIndexes()})
+        if not rows:
+            show_info("Fine-tune: select a version in the table first")
+            return
+        item = self.versions.item(rows[0], 0)
+        version = None if item.text() == "start" else int(item.text())
+        try:
+            switch_version(self.project, self.state, version)
+        except SegtoolError as exc:
+            show_error(f"Fine-tune: {exc}")
+            return
+        self._refresh()
+
+    def resegment(self, *_: Any) -> Any:
+        """Segment again with the model in use; only untouched voxels take the result."""
+        if self.project is None or self.state is None:
+            show_error("Fine-tune: open a project first")
+            return None
+        image = self._image.value
+        data = np.asarray(image.data[0] if image.multiscale else image.data)
+        worker = create_worker(
+            _resegment, self.project, self.state.snapshot(), data, str(self._device.value),
+            _connect={"returned": self._merge, "errored": self._on_error},
+        )  # fmt: skip
+        self._side_workers.append(worker)
+        return worker
+
+    def _merge(self, prediction: np.ndarray) -> None:
+        if self.state is None or self._layer is None:
+            return
+        changed = merge_untouched(self.state, prediction)  # protects what was painted since
+        self._layer.data = self.state.labels  # set_data: the Review widget recounts
+        self._dirty = True
+        self.autosave()
+        self._status.value = f"re-segmented: {changed} untouched voxels changed"
+
+    # -- display ------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        reviewed = sorted(state.reviewed)
+        shown = ", ".join(map(str, reviewed[:12])) + (" ..." if len(reviewed) > 12 else "")
+        self._reviewed.value = f"{len(reviewed)} slices: {shown}" if reviewed else "none"
+        rows = [{"version": "start", "val_dice": None, "baseline_dice": None}, *state.versions]
+        self.versions.setRowCount(len(rows))
+        for r, entry in enumerate(rows):
+            v = entry["version"]
+            in_use = (v == "start" and state.current_version is None) or v == (
+                state.current_version
+            )
+            cells = [str(v), _num(entry.get("val_dice")), _num(entry.get("baseline_dice")),
+                     "yes" if in_use else ""]  # fmt: skip
+            for c, text in enumerate(cells):
+                self.versions.setItem(r, c, QTableWidgetItem(text))
+
+    def _plot(self) -> None:
+        ax = self._axes
+        ax.clear()
+        epochs = [r.epoch for r in self._curve]
+        ax.plot(epochs, [r.train_loss for r in self._curve], "o-", label="train loss")
+        dice = [(r.epoch, r.val_dice) for r in self._curve if r.val_dice is not None]
+        if dice:
+            ax.plot(*zip(*dice, strict=True), "s-", label="val Dice")
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+        self._canvas.draw_idle()
+
+    def _teardown(self, *_: Any) -> None:
+        self._timer.stop()
+        self.cancel()
+        try:
+            self.save_now()
+        except (OSError, SegtoolError) as exc:  # closing must not raise
+            logger.error("could not save the project on close: %s", exc)
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+
+from napari_segtool._widgets import finetune as finetune_module
+from napari_segtool._widgets.finetune import FinetuneWidget
+from napari_segtool.io.project import Project
+from tests.training.conftest import blobs, tiny_model
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    shown = []
+    monkeypatch.setattr(finetune_module, "show_error", shown.append)
+    return shown
+
+
+@pytest.fixture
+def setup(make_napari_viewer, tmp_path, qtbot):
+    """A viewer with an image, a Segment-widget prediction and the Fine-tune widget."""
+    viewer = make_napari_viewer()
+    image, truth = blobs((4, 64, 64))
+    viewer.add_image(image, name="cells")
+    model_file = tiny_model().save(tmp_path / "start.pt")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-segtool", "Segment")
+    seg._model.value = "model file..."
+    seg._model_file.value = model_file
+    seg._tile.value = "64, 64"
+    worker = seg.start()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Fine-tune")
+    assert isinstance(widget, FinetuneWidget)
+    widget._labels.value = viewer.layers["cells prediction"]
+    widget._folder.value = tmp_path / "cells.segtool"
+    widget._epochs.value = 2
+    widget._steps.value = 4
+    widget._lr.value = 0.01
+    widget._device.value = "cpu"
+    return viewer, widget, truth
+
+
+def test_correct_review_finetune_keeps_corrections(setup, qtbot, errors):
+    viewer, widget, truth = setup
+    layer = viewer.layers["cells prediction"]
+    assert widget.open_project()
+    # a correction on slice 1 through napari's brush
+    layer.brush_size = 9
+    layer.paint((1, 30, 30), 1)
+    painted = layer.data[1].copy()
+    # slice 2 fixed by hand and marked reviewed through the shortcut's handler
+    wrong = truth[2] != layer.data[2]
+    ys, xs = np.nonzero(wrong)
+    for value in (0, 1):
+        pick = truth[2][wrong] == value
+        layer.data_setitem((np.full(int(pick.sum()), 2), ys[pick], xs[pick]), value)
+    assert np.array_equal(layer.data[2], truth[2])
+    viewer.dims.set_current_step(0, 2)
+    widget._key_reviewed(viewer)
+    assert widget.state.reviewed == {2}
+    assert widget.state.painted[1].sum() > 0
+    worker = widget.start()
+    assert worker is not None
+    assert widget._run.text == "Cancel"
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    assert not errors
+    assert [v["version"] for v in widget.state.versions] == [1]
+    assert (widget.project.folder / "models" / "v0001.pt").exists()
+    assert widget.versions.rowCount() == 2
+    # promoted or not, re-segmenting keeps the painted slice region and the reviewed slice
+    resegment = widget.resegment()
+    with qtbot.waitSignal(resegment.finished, timeout=60_000):
+        pass
+    assert np.array_equal(layer.data[2], truth[2])
+    stroke = widget.state.painted[1]
+    assert np.array_equal(layer.data[1][stroke], painted[stroke])
+    # the project on disk has the same corrections and the reviewed slice
+    widget.save_now()
+    saved = Project(widget.project.folder).load()
+    assert saved.reviewed == {2}
+    assert np.array_equal(saved.labels, layer.data)
+
+
+def test_cancel_keeps_the_model_in_use(setup, qtbot):
+    _viewer, widget, _ = setup
+    widget._epochs.value = 50
+    widget._steps.value = 50
+    assert widget.open_project()
+    widget.state.reviewed = {0, 1, 3}
+    worker = widget.start()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        qtbot.waitUntil(lambda: widget._progress.value > 0, timeout=30_000)
+        widget.cancel()
+    assert widget.state.versions == []
+    assert not (widget.project.folder / "models").exists()
+    assert widget._run.text == "Fine-tune"
+    assert "cancelled" in widget._status.value
+
+
+def test_reopening_restores_corrections(setup, qtbot, make_napari_viewer):
+    viewer, widget, _ = setup
+    layer = viewer.layers["cells prediction"]
+    assert widget.open_project()
+    layer.paint((3, 20, 20), 2)
+    widget.toggle_reviewed()
+    widget.save_now()
+    edited = layer.data.copy()
+    layer.data = np.zeros_like(edited)  # the user loses the layer's content
+    assert widget.open_project()  # same folder: restored from disk
+    assert np.array_equal(layer.data, edited)
+    assert widget.state.painted.sum() > 0
+
+
+def test_bad_setup_is_a_notification(make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 32, 32), np.uint8), name="img")
+    viewer.add_labels(np.zeros((2, 16, 16), np.uint8), name="other")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Fine-tune")
+    widget._labels.value = viewer.layers["other"]
+    assert not widget.open_project()
+    assert "pick the prediction of this image" in errors[-1]
+    assert widget.start() is None
