@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--review", action="store_true", help="segment, dock Review and correct part of a slice"
     )
+    demo.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also correct and review slices and run one Fine-tune round",
+    )
+    demo.add_argument("--project", type=Path, help="with --finetune: the project folder")
     return parser
 
 
@@ -341,7 +347,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from napari_segtool._widgets.demo import run_demo
 
     return run_demo(
-        args.sample, screenshot=args.screenshot, segment=args.segment, review=args.review
+        args.sample,
+        screenshot=args.screenshot,
+        segment=args.segment,
+        review=args.review,
+        finetune=args.finetune,
+        project=args.project,
     )
 
 

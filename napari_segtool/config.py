@@ -209,8 +209,8 @@ class FinetuneConfig:
         As for inference.
     """
 
-    epochs: int = 8
-    steps_per_epoch: int = 20
+    epochs: int = 6
+    steps_per_epoch: int = 15
     batch_size: int = 4
     patch_shape: tuple[int, ...] | None = None
     learning_rate: float = 5e-4

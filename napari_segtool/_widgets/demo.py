@@ -51,16 +51,22 @@ def run_demo(
     screenshot: Path | None = None,
     segment: bool = False,
     review: bool = False,
+    finetune: bool = False,
+    project: Path | None = None,
 ) -> int:
     """Open the demo and run napari's event loop until the window closes.
 
     With ``screenshot``, save a picture of the whole window (after segmenting when ``segment``
     is true) and close instead of waiting for the user. ``review`` (implies ``segment``) docks
     the Review widget on the prediction against the sample's reference and corrects part of
-    the middle slice through paint edits before the picture.
+    the middle slice through paint edits before the picture. ``finetune`` (implies
+    ``review``) also docks the Fine-tune widget, corrects two more slices completely, marks
+    the three reviewed and runs one fine-tuning round (project in ``project``, default a
+    temporary folder) before the picture.
     """
     viewer, widget = open_demo(sample)
     status = {"code": 0}
+    review = review or finetune
     segment = segment or review
     if screenshot is None and not segment:
         napari.run()
@@ -77,7 +83,38 @@ def run_demo(
             status["code"] = 1
         elif review:
             start_review()
-        QTimer.singleShot(300, finish)
+        if finetune and status["code"] == 0:
+            start_finetune()
+        else:
+            QTimer.singleShot(300, finish)
+
+    def start_finetune() -> None:
+        import tempfile
+
+        labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
+        reference = next(layer for layer in labels if layer.name.endswith("reference"))
+        edited = next(layer for layer in labels if layer.name.endswith("prediction"))
+        _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+        panel._labels.value = edited
+        folder = project or Path(tempfile.mkdtemp()) / "demo.segtool"
+        panel._folder.value = folder
+        if not panel.open_project():
+            status["code"] = 1
+            finish()
+            return
+        here = int(viewer.dims.current_step[0]) if edited.ndim == 3 else 0
+        for z in (here, here - 4, here + 4) if edited.ndim == 3 else (0,):
+            if z != here:
+                correct_like_a_user(edited, reference, z, box=max(edited.data.shape[-2:]))
+            viewer.dims.set_current_step(0, z)
+            panel.toggle_reviewed()
+        viewer.dims.set_current_step(0, here)
+        worker = panel.start()
+        if worker is None:
+            status["code"] = 1
+            finish()
+            return
+        worker.finished.connect(lambda: QTimer.singleShot(300, finish))
 
     def start_review() -> None:
         labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
