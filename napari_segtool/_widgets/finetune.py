@@ -40,7 +40,13 @@ from napari_segtool.errors import InputError, SegtoolError
 from napari_segtool.inference import segment
 from napari_segtool.io.project import Project, ProjectState, default_project_dir, merge_untouched
 from napari_segtool.model import list_models
-from napari_segtool.training import EpochReport, FinetuneResult, StepProgress, iter_finetune
+from napari_segtool.training import (
+    EpochReport,
+    FinetuneResult,
+    LabelledImage,
+    StepProgress,
+    iter_finetune,
+)
 from napari_segtool.training.versions import (
     current_model,
     record_round,
@@ -63,14 +69,18 @@ class FinetuneJob:
     state: ProjectState  # a snapshot: the user keeps painting while it trains
     project: Project
     config: FinetuneConfig
+    truth: np.ndarray | None = None
 
 
 def _train(job: FinetuneJob):
     """Worker body: fine-tune, then save the round as a version (never touches widgets)."""
     model = current_model(job.project, job.state)
-    result = yield from iter_finetune(
-        model, [training_data(job.image, job.state)], config=job.config
-    )
+    data = [training_data(job.image, job.state)]
+    if job.truth is not None:
+        data.append(LabelledImage(job.image, job.truth, None))
+        if not data[0].mask.any():
+            data = data[1:]
+    result = yield from iter_finetune(model, data, config=job.config)
     entry = record_round(job.project, job.state, result)
     return result, entry, job.state
 
@@ -89,6 +99,13 @@ class FinetuneWidget(Container):
         defaults = FinetuneConfig()
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._labels = create_widget(annotation="napari.layers.Labels", label="corrected")
+        self._truth = create_widget(
+            annotation="napari.layers.Labels", label="ground truth", options={"nullable": True}
+        )
+        self._truth.value = None
+        self._truth.tooltip = (
+            "Optional: a fully labelled layer of the same image; all its voxels train too"
+        )
         self._model = ComboBox(
             label="start from",
             choices=[FROM_PREDICTION, *(e.name for e in list_models())],
@@ -113,8 +130,9 @@ class FinetuneWidget(Container):
         self._reseg = PushButton(text="Re-segment untouched")
         self._status = Label(label="", value="")
         self.extend([
-            self._image, self._labels, self._model, self._folder, self._open, self._reviewed,
-            self._mark, self._epochs, self._steps, self._lr, self._device, self._run,
+            self._image, self._labels, self._truth, self._model, self._folder, self._open,
+            self._reviewed, self._mark, self._epochs, self._steps, self._lr, self._device,
+            self._run,
             self._progress, self._use, self._reseg, self._status,
         ])  # fmt: skip
         self._figure = Figure(figsize=(3, 1.8), tight_layout=True)
@@ -134,12 +152,14 @@ class FinetuneWidget(Container):
         self._side_workers: list[Any] = []
         self._curve: list[EpochReport] = []
         self._dirty = False
+        self._closed = False
         self._open.changed.connect(self.open_project)
         self._mark.changed.connect(self.toggle_reviewed)
         self._run.changed.connect(self._on_run_clicked)
         self._use.changed.connect(self._use_selected)
         self._reseg.changed.connect(self.resegment)
         self._image.changed.connect(self._suggest_folder)
+        self._labels.changed.connect(self._reopen_if_saved)
         self._suggest_folder()
         self._viewer.bind_key(REVIEW_KEY, self._key_reviewed, overwrite=True)
         self._timer = QTimer()
@@ -156,6 +176,16 @@ class FinetuneWidget(Container):
             self._folder.value = default_project_dir(path)
         elif layer is not None:
             self._folder.value = Path.home() / "segtool-projects" / f"{layer.name}.segtool"
+
+    def _reopen_if_saved(self, *_: Any) -> None:
+        """Picking a labels layer whose project is already on disk restores it."""
+        folder = str(self._folder.value)
+        if (
+            self._labels.value is not None
+            and folder not in ("", ".")
+            and (Project(folder).exists())
+        ):
+            self.open_project()
 
     def open_project(self, *_: Any) -> bool:
         """Attach to the chosen labels layer: restore its project or start one."""
@@ -277,7 +307,18 @@ class FinetuneWidget(Container):
             learning_rate=float(self._lr.value),
             device=str(self._device.value),
         )
-        return FinetuneJob(data, self.state.snapshot(), self.project, config)
+        truth = self._truth.value
+        truth_data = None
+        if truth is not None:
+            if truth is self._layer:
+                raise InputError("the ground truth must be another layer than the corrected one")
+            if truth.data.shape != self.state.labels.shape:
+                raise InputError(
+                    f"ground truth '{truth.name}' has shape {truth.data.shape}, the "
+                    f"corrections {self.state.labels.shape}"
+                )
+            truth_data = np.array(truth.data, copy=True)
+        return FinetuneJob(data, self.state.snapshot(), self.project, config, truth_data)
 
     def _on_run_clicked(self, *_: Any) -> None:
         if self._worker is not None:
@@ -315,6 +356,8 @@ class FinetuneWidget(Container):
             self._worker.quit()
 
     def _on_yielded(self, item: Any) -> None:
+        if self._closed:
+            return
         if isinstance(item, StepProgress):
             self._progress.value = round(100 * item.step / max(item.total_steps, 1))
             self._status.value = f"step {item.step} / {item.total_steps}, loss {item.loss:.3f}"
@@ -323,6 +366,8 @@ class FinetuneWidget(Container):
             self._plot()
 
     def _on_trained(self, out: tuple[FinetuneResult, dict, ProjectState]) -> None:
+        if self._closed:
+            return
         result, entry, saved = out
         assert self.state is not None
         self.state.versions = saved.versions
@@ -342,6 +387,8 @@ class FinetuneWidget(Container):
         logger.info("fine-tune round: %s", result.summary())
 
     def _on_error(self, exc: Exception) -> None:
+        if self._closed:
+            return
         if isinstance(exc, SegtoolError):
             show_error(f"Fine-tune: {exc}")
         else:
@@ -350,6 +397,8 @@ class FinetuneWidget(Container):
         self._status.value = "failed"
 
     def _on_finished(self) -> None:
+        if self._closed:
+            return
         if self._worker is not None and self._worker.abort_requested:
             self._status.value = "cancelled: the model in use is unchanged"
         self._worker = None
@@ -387,6 +436,8 @@ class FinetuneWidget(Container):
         return worker
 
     def _merge(self, prediction: np.ndarray) -> None:
+        if self._closed:
+            return
         if self.state is None or self._layer is None:
             return
         changed = merge_untouched(self.state, prediction)  # protects what was painted since
@@ -429,8 +480,11 @@ class FinetuneWidget(Container):
         self._canvas.draw_idle()
 
     def _teardown(self, *_: Any) -> None:
+        self._closed = True
         self._timer.stop()
         self.cancel()
+        for worker in self._side_workers:
+            worker.quit()
         try:
             self.save_now()
         except (OSError, SegtoolError) as exc:  # closing must not raise

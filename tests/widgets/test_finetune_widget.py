@@ -120,3 +120,33 @@ def test_bad_setup_is_a_notification(make_napari_viewer, errors):
     assert not widget.open_project()
     assert "pick the prediction of this image" in errors[-1]
     assert widget.start() is None
+
+
+def test_ground_truth_layer_trains_without_corrections(setup, qtbot, errors):
+    viewer, widget, truth = setup
+    viewer.add_labels(truth, name="cells truth")
+    widget._truth.value = viewer.layers["cells truth"]
+    assert widget.open_project()
+    worker = widget.start()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    if widget.state.versions[0]["promoted"]:  # then it re-segments the untouched voxels
+        qtbot.waitUntil(lambda: "re-segmented" in widget._status.value, timeout=60_000)
+    assert not errors
+    entry = widget.state.versions[0]
+    assert entry["labelled_voxels"] == truth.size
+    assert entry["val_dice"] is not None
+
+
+def test_picking_the_layer_again_reopens_its_project(setup):
+    viewer, widget, _ = setup
+    layer = viewer.layers["cells prediction"]
+    assert widget.open_project()
+    layer.paint((0, 10, 10), 2)
+    widget.save_now()
+    saved = layer.data.copy()
+    other = viewer.add_labels(np.zeros_like(saved), name="scratch")
+    widget._labels.value = other  # the saved project does not fit this layer's content...
+    widget._labels.value = layer  # ...but picking the layer again restores its corrections
+    assert widget._layer is layer
+    assert np.array_equal(layer.data, saved)
