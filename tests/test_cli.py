@@ -139,3 +139,49 @@ def test_evaluate_shape_mismatch_is_an_error(tmp_path, capsys):
     b = write_image(tmp_path / "b.tif", np.zeros((4, 5), np.uint8))
     assert main(["evaluate", str(a), str(b)]) == 2
     assert "differ in shape" in capsys.readouterr().err
+
+
+def test_train_then_segment_with_the_result(tmp_path, capsys):
+    from tests.training.conftest import blobs
+
+    image, labels = blobs((3, 64, 64))
+    img = write_image(tmp_path / "img.tif", image)
+    lab = write_image(tmp_path / "lab.tif", labels)
+    mask = np.zeros(labels.shape, np.uint8)
+    mask[:2] = 1  # only slices 0 and 1 count
+    msk = write_image(tmp_path / "mask.tif", mask)
+    model = tmp_path / "m.pt"
+    common = ["--mask", str(msk), "--steps-per-epoch", "3", "--batch-size", "2",
+              "--patch-shape", "64,64", "--device", "cpu"]  # fmt: skip
+    assert main(["train", str(img), str(lab), "-o", str(model), "--epochs", "2", *common]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["labelled_voxels"] == 2 * 64 * 64
+    assert summary["validation_voxels"] == 64 * 64
+    assert summary["epochs"] == 2
+    out = tmp_path / "seg.tif"
+    assert main(["segment", str(img), "-o", str(out), "--model", str(model)]) == 0
+    assert read_image(out).data.shape == labels.shape
+    # resume continues the epoch count of the saved run
+    more = tmp_path / "m2.pt"
+    assert main(["train", str(img), str(lab), "-o", str(more), "--init", str(model),
+                 "--resume", "--epochs", "3", *common]) == 0  # fmt: skip
+    from napari_segtool.model import SegmentationModel
+
+    history = SegmentationModel.load(more).history
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resume"], "--resume needs --init"),
+        (["--init", "nowhere.pt"], "nowhere.pt: no such model"),
+    ],
+)
+def test_train_errors_are_one_line(tmp_path, capsys, extra, message):
+    img = write_image(tmp_path / "img.tif", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    lab = write_image(tmp_path / "lab.tif", np.zeros((8, 8), np.uint8))
+    assert main(["train", str(img), str(lab), "-o", str(tmp_path / "m.pt"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
