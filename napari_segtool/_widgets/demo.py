@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import napari
 import napari.layers
 import numpy as np
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication, QWidget
 
 from napari_segtool._widgets.segment import SegmentWidget
 
@@ -18,7 +20,8 @@ def open_demo(sample: str = "isbi_em") -> tuple[napari.Viewer, SegmentWidget]:
     """A viewer with ``sample`` opened and the Segment widget docked (through the manifest)."""
     viewer = napari.Viewer(title="napari-segtool demo")
     viewer.open_sample(PLUGIN, sample)
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.dock = dock
     return viewer, widget
 
 
@@ -60,28 +63,35 @@ def run_demo(
     is true) and close instead of waiting for the user. ``review`` (implies ``segment``) docks
     the Review widget on the prediction against the sample's reference and corrects part of
     the middle slice through paint edits before the picture. ``finetune`` (implies
-    ``review``) also docks the Fine-tune widget, corrects two more slices completely, marks
-    the three reviewed and runs one fine-tuning round (project in ``project``, default a
-    temporary folder) before the picture.
+    ``segment``) docks the Fine-tune widget, corrects three slices completely, marks them
+    reviewed and runs one fine-tuning round (project in ``project``, default a temporary
+    folder) before the picture.
     """
+    if screenshot is not None:  # napari's own PyQt5 notice would cover part of the picture
+        warnings.filterwarnings("ignore", message="napari support for the PyQt5")
     viewer, widget = open_demo(sample)
     status = {"code": 0}
-    review = review or finetune
-    segment = segment or review
+    segment = segment or review or finetune
     if screenshot is None and not segment:
         napari.run()
         return 0
-    viewer.window.resize(1400, 850)
+    viewer.window.resize(1500, 1000 if (review or finetune) else 850)
 
     def finish() -> None:
         if screenshot is not None:
+            for toast in viewer.window._qt_window.findChildren(QWidget):
+                if type(toast).__name__ == "NapariQtNotification":  # napari's own notices
+                    toast.close()
+            QApplication.processEvents()
             viewer.screenshot(str(screenshot), canvas_only=False, flash=False)
         viewer.close()
 
     def after_run() -> None:
         if widget._status.value == "failed":
             status["code"] = 1
-        elif review:
+        if status["code"] == 0 and (review or finetune):
+            widget.dock.hide()  # room for the widget being shown
+        if status["code"] == 0 and review:
             start_review()
         if finetune and status["code"] == 0:
             start_finetune()
@@ -104,8 +114,7 @@ def run_demo(
             return
         here = int(viewer.dims.current_step[0]) if edited.ndim == 3 else 0
         for z in (here, here - 4, here + 4) if edited.ndim == 3 else (0,):
-            if z != here:
-                correct_like_a_user(edited, reference, z, box=max(edited.data.shape[-2:]))
+            correct_like_a_user(edited, reference, z, box=max(edited.data.shape[-2:]))
             viewer.dims.set_current_step(0, z)
             panel.toggle_reviewed()
         viewer.dims.set_current_step(0, here)
@@ -114,7 +123,17 @@ def run_demo(
             status["code"] = 1
             finish()
             return
-        worker.finished.connect(lambda: QTimer.singleShot(300, finish))
+        waited = {"ms": 0}
+
+        def when_settled() -> None:  # a promoted version re-segments after training
+            text = str(panel._status.value)
+            waited["ms"] += 500
+            if panel.worker is None and ("re-segmenting" not in text or waited["ms"] > 120_000):
+                QTimer.singleShot(300, finish)
+            else:
+                QTimer.singleShot(500, when_settled)
+
+        worker.finished.connect(lambda: QTimer.singleShot(500, when_settled))
 
     def start_review() -> None:
         labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]

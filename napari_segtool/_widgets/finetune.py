@@ -135,13 +135,17 @@ class FinetuneWidget(Container):
             self._run,
             self._progress, self._use, self._reseg, self._status,
         ])  # fmt: skip
-        self._figure = Figure(figsize=(3, 1.8), tight_layout=True)
+        self._figure = Figure(figsize=(3, 1.8), layout="constrained")
         self._axes = self._figure.add_subplot()
         self._canvas = FigureCanvasQTAgg(self._figure)
         self.versions = QTableWidget(0, 4)
         self.versions.setHorizontalHeaderLabels(["version", "val Dice", "start Dice", "in use"])
         self.versions.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.versions.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.versions.verticalHeader().setVisible(False)
+        self.versions.horizontalHeader().setStretchLastSection(True)
+        self._canvas.setMinimumHeight(160)
+        self.versions.setMinimumHeight(130)
         for w in (self._canvas, self.versions):
             self.native.layout().addWidget(w)
 
@@ -370,6 +374,7 @@ class FinetuneWidget(Container):
             return
         result, entry, saved = out
         assert self.state is not None
+        self._progress.value = 100
         self.state.versions = saved.versions
         self.state.current_version = saved.current_version
         self._dirty = True  # the round saved its snapshot; the next save adds later edits
@@ -465,6 +470,7 @@ class FinetuneWidget(Container):
                      "yes" if in_use else ""]  # fmt: skip
             for c, text in enumerate(cells):
                 self.versions.setItem(r, c, QTableWidgetItem(text))
+        self.versions.resizeColumnsToContents()
 
     def _plot(self) -> None:
         ax = self._axes

@@ -56,9 +56,12 @@ class ReviewWidget(Container):
         self.slices.setHorizontalHeaderLabels(["Dice", "IoU"])
         self.slices.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.slices.cellClicked.connect(self._jump_to_slice)
-        self._figure = Figure(figsize=(3, 1.6), tight_layout=True)
+        self._figure = Figure(figsize=(3, 1.6), layout="constrained")
         self._axes = self._figure.add_subplot()
         self._canvas = FigureCanvasQTAgg(self._figure)
+        self.summary.setMinimumHeight(24 * len(SUMMARY_KEYS) + 30)
+        self.slices.setMinimumHeight(160)
+        self._canvas.setMinimumHeight(150)
         for w in (self.summary, self.slices, self._canvas):
             self.native.layout().addWidget(w)
         self.tracker: ConfusionTracker | None = None
@@ -208,8 +211,9 @@ class ReviewWidget(Container):
 
     def _build_slice_table(self) -> None:
         n = self.tracker.n_slices if self.tracker is not None else 0
-        self.slices.setRowCount(n if self.tracker is not None and self.tracker.pred.ndim >= 3
-                                else 0)  # fmt: skip
+        rows = n if self.tracker is not None and self.tracker.pred.ndim >= 3 else 0
+        self.slices.setRowCount(rows)
+        self.slices.setVerticalHeaderLabels([f"z {z}" for z in range(rows)])
 
     def _update_slice_rows(self, rows: Any) -> None:
         if self.tracker is None or self.slices.rowCount() == 0:
