@@ -126,6 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the training run saved in --init (epoch count, optimizer) to --epochs",
     )
+    sim = sub.add_parser(
+        "simulate", help="measure an active-learning strategy by simulated correction rounds"
+    )
+    sim.add_argument("image", type=Path, help="image (TIFF): a 3D stack or a 2D image")
+    sim.add_argument("labels", type=Path, help="the full reference labels (TIFF)")
+    sim.add_argument("--strategy", choices=("uncertainty", "random", "foreground-random"),
+                     default="uncertainty")  # fmt: skip
+    sim.add_argument("--init", help="starting model (bundled name or file); default: new 2D")
+    sim.add_argument("--initial", type=int, default=2, help="units revealed at random first")
+    sim.add_argument("--rounds", type=int, default=4)
+    sim.add_argument("--per-round", type=int, default=2, help="units revealed per round")
+    sim.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1")
+    sim.add_argument("--tile", type=int, default=128, help="tile size of a 2D image's units")
+    sim.add_argument("--held-out", type=float, default=0.3, help="fraction of units held out")
+    sim.add_argument("--epochs", type=int, default=fdef.epochs)
+    sim.add_argument("--steps-per-epoch", type=int, default=fdef.steps_per_epoch)
+    sim.add_argument("--batch-size", type=int, default=fdef.batch_size)
+    sim.add_argument("--patch-shape", type=_tile_shape)
+    sim.add_argument("--learning-rate", type=float, help="default: 5e-4 with --init, else 2e-3")
+    sim.add_argument("--device", choices=DEVICES, default=fdef.device)
+    sim.add_argument("--json", action="store_true", help="print the curves as one JSON object")
     sub.add_parser("models", help="list the bundled models").add_argument(
         "--json", action="store_true", help="print JSON"
     )
@@ -309,6 +330,69 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from napari_segtool.active_learning import SimulationConfig, iter_simulate
+    from napari_segtool.inference import resolve_device
+    from napari_segtool.io import read_image
+    from napari_segtool.model import SegmentationModel, load_model
+
+    resolve_device(args.device)
+    image = read_image(args.image).data
+    labels = read_image(args.labels).data
+    if labels.dtype.kind not in "biu":
+        raise InputError(f"{args.labels}: labels must be integers, not {labels.dtype}")
+    if args.seeds < 1:
+        raise InputError("--seeds must be >= 1")
+    n_classes = max(2, int(labels.max()) + 1)
+    lr = args.learning_rate or (5e-4 if args.init else 2e-3)
+    config = SimulationConfig(
+        strategy=args.strategy,
+        initial=args.initial,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        held_out_fraction=args.held_out,
+        tile=args.tile,
+        finetune=FinetuneConfig(
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            batch_size=args.batch_size,
+            patch_shape=args.patch_shape,
+            learning_rate=lr,
+            device=args.device,
+        ),
+    )
+    runs = []
+    for seed in range(args.seeds):
+        if args.init:
+            model = load_model(args.init)
+        else:
+            tile = (256, 256) if labels.ndim == 3 else (args.tile, args.tile)
+            model = SegmentationModel.new(
+                ModelConfig(out_channels=n_classes), tile_shape=tile, seed=seed
+            )
+        curve = []
+        for point in iter_simulate(image, labels, model, config=config, seed=seed):
+            curve.append(point)
+            if not args.json:
+                print(  # noqa: T201
+                    f"seed {seed} round {point.round}: {point.n_revealed} units, "
+                    f"held-out Dice {point.dice:.4f} ({point.seconds:.0f} s)"
+                )
+        runs.append({"seed": seed, "curve": [[p.n_revealed, p.dice] for p in curve],
+                     "revealed": list(curve[-1].revealed)})  # fmt: skip
+    lengths = {len(r["curve"]) for r in runs}
+    mean = []
+    if len(lengths) == 1:
+        for i in range(lengths.pop()):
+            n = runs[0]["curve"][i][0]
+            mean.append([n, float(np.mean([r["curve"][i][1] for r in runs]))])
+    out = {"strategy": args.strategy, "units": "slices" if labels.ndim == 3 else "tiles",
+           "seeds": runs, "mean": mean}  # fmt: skip
+    if args.json:
+        print(json.dumps(out))  # noqa: T201
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from napari_segtool.model import list_models, load_model
 
@@ -368,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "segment": _cmd_segment,
         "evaluate": _cmd_evaluate,
         "train": _cmd_train,
+        "simulate": _cmd_simulate,
         "models": _cmd_models,
         "demo": _cmd_demo,
     }

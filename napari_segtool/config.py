@@ -129,6 +129,9 @@ class InferenceConfig:
     tta : bool
         Flip test-time augmentation: average the probabilities over all axis flips and report
         the normalised predictive entropy as a per-voxel uncertainty.
+    mc_dropout : bool
+        Keep the network's dropout layers active (for Monte Carlo dropout sampling; see
+        :func:`napari_segtool.active_learning.mc_dropout`).
     """
 
     tile_shape: tuple[int, ...] | None = None
@@ -138,6 +141,7 @@ class InferenceConfig:
     device: Device = "auto"
     amp: bool = True
     tta: bool = False
+    mc_dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.tile_shape is not None:

@@ -57,12 +57,16 @@ class Segmentation:
         divided by ``log(n_classes)``, so 0 is certain and 1 is uniform.
     device : str
         The device that ran the network.
+    disagreement : ndarray of float32 or None
+        With test-time augmentation: the share of flips whose class differs from the
+        majority's (0: all agree; at most ``1 - 1/flips``), blended across tiles.
     """
 
     labels: NDArray
     probabilities: NDArray[np.float32] | None
     uncertainty: NDArray[np.float32] | None
     device: str
+    disagreement: NDArray[np.float32] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,28 +105,50 @@ def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
 
 
 def make_predictor(
-    model: SegmentationModel, device: torch.device, *, amp: bool = True, tta: bool = False
+    model: SegmentationModel,
+    device: torch.device,
+    *,
+    amp: bool = True,
+    tta: bool = False,
+    disagreement: bool = False,
+    dropout: bool = False,
 ) -> Predictor:
     """A tile predictor returning softmax probabilities as float32.
 
     With ``tta`` the probabilities are averaged over every combination of spatial flips
-    (4 in 2D, 8 in 3D). With ``amp`` on CUDA the network runs under float16 autocast.
+    (4 in 2D, 8 in 3D). With ``disagreement`` (and ``tta``) one more channel is appended:
+    the share of flips whose predicted class differs from the majority class (0 when all
+    flips agree). With ``amp`` on CUDA the network runs under float16 autocast.
     """
     net = model.network.to(device).eval()
+    if dropout:  # Monte Carlo dropout: sample a different sub-network per call
+        for m in net.modules():
+            if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d | torch.nn.Dropout3d):
+                m.train()
     use_amp = amp and device.type == "cuda"
     flips = _flip_sets(model.spatial_dims) if tta else [()]
+    n_classes = model.config.out_channels
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
             total = None
+            votes = None
             for dims in flips:
                 xi = torch.flip(x, dims) if dims else x
                 p = torch.softmax(net(xi).float(), dim=1)
                 if dims:
                     p = torch.flip(p, dims)
                 total = p if total is None else total + p
+                if disagreement:
+                    v = torch.nn.functional.one_hot(p.argmax(1), n_classes).movedim(-1, 1)
+                    votes = v.float() if votes is None else votes + v
         assert total is not None
-        return total / len(flips) if len(flips) > 1 else total
+        mean = total / len(flips) if len(flips) > 1 else total
+        if not disagreement:
+            return mean
+        assert votes is not None
+        dis = 1.0 - votes.amax(dim=1, keepdim=True) / len(flips)
+        return torch.cat([mean, dis], dim=1)
 
     return predict
 
@@ -244,8 +270,11 @@ def iter_segment(
             f"{'(Y, X)' if sd == 2 else '(Z, Y, X)'}"
         )
     device = resolve_device(cfg.device)
-    predictor = make_predictor(model, device, amp=cfg.amp, tta=cfg.tta)
+    predictor = make_predictor(
+        model, device, amp=cfg.amp, tta=cfg.tta, disagreement=cfg.tta, dropout=cfg.mc_dropout
+    )
     n_classes = net_cfg.out_channels
+    n_out = n_classes + (1 if cfg.tta else 0)
 
     def preprocess(raw: NDArray) -> NDArray:
         return apply_range(raw, lo, hi, channel_axis=1)
@@ -270,6 +299,7 @@ def iter_segment(
         else None
     )
     unc = np.empty((items.shape[0], *item_spatial), np.float32) if cfg.tta else None
+    dis = np.empty((items.shape[0], *item_spatial), np.float32) if cfg.tta else None
     eff_tile = tuple(min(t, s) for t, s in zip(tile, item_spatial, strict=True))
     per_item = len(tile_grid(item_spatial, eff_tile, cfg.overlap))
     total = per_item * items.shape[0]
@@ -279,7 +309,7 @@ def iter_segment(
             items[a:b],
             predictor,
             tile_shape=tile,
-            out_channels=n_classes,
+            out_channels=n_out,
             overlap=cfg.overlap,
             blend=cfg.blend,
             batch_size=cfg.batch_size,
@@ -295,6 +325,9 @@ def iter_segment(
         finally:
             gen.close()
         done += (b - a) * per_item
+        if dis is not None:
+            dis[a:b] = out[:, n_classes]
+            out = out[:, :n_classes]
         labels[a:b] = np.argmax(out, axis=1).astype(label_dtype, copy=False)
         if probs is not None:
             probs[:, a:b] = np.moveaxis(out, 1, 0)
@@ -310,7 +343,9 @@ def iter_segment(
         probs = probs.reshape((n_classes, *out_shape))
     if unc is not None:
         unc = unc.reshape(out_shape)
-    return Segmentation(labels, probs, unc, str(device))
+    if dis is not None:
+        dis = dis.reshape(out_shape)
+    return Segmentation(labels, probs, unc, str(device), dis)
 
 
 def normalized_entropy(probabilities: NDArray, *, axis: int = 0) -> NDArray[np.float32]:

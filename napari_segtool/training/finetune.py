@@ -79,6 +79,8 @@ def split_validation(
     """
     rng = np.random.default_rng(seed)
     val = np.zeros_like(mask, dtype=bool)
+    if fraction <= 0:
+        return mask.copy(), val
     if mask.ndim == 3:
         slices = np.flatnonzero(mask.any(axis=(1, 2)))
         if slices.size >= 2:
