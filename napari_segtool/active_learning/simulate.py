@@ -69,7 +69,7 @@ def held_out_units(units: list[Unit], fraction: float) -> list[int]:
     """Evenly spread units kept for evaluation only (the same for every seed and strategy).
 
     >>> held_out_units(make_units((10, 4, 4)), 0.3)
-    [1, 5, 8]
+    [2, 4, 7]
     """
     n = max(1, round(fraction * len(units)))
     if n >= len(units):
