@@ -31,4 +31,9 @@ def test_manifest_is_valid_and_names_real_callables():
         assert callable(getattr(importlib.import_module(module), attr))
     keys = {s.key for s in pm.contributions.sample_data}
     assert keys == {"isbi_em", "ct_small"}
-    assert [w.display_name for w in pm.contributions.widgets] == ["Segment", "Review", "Fine-tune"]
+    assert [w.display_name for w in pm.contributions.widgets] == [
+        "Segment",
+        "Review",
+        "Fine-tune",
+        "Queue",
+    ]

@@ -34,7 +34,9 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
+from napari_segtool._widgets.queue import REVIEWED_KEY
 from napari_segtool._widgets.segment import ORIGINAL_KEY, SOURCE_KEY
+from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig
 from napari_segtool.errors import InputError, SegtoolError
 from napari_segtool.inference import segment
@@ -86,8 +88,10 @@ def _train(job: FinetuneJob):
 
 
 def _resegment(project: Project, state: ProjectState, image: np.ndarray, device: str):
+    """Segment with the model in use, with flip TTA so the Queue gets a fresh uncertainty."""
     model = current_model(project, state)
-    return segment(image, model, config=InferenceConfig(device=device)).labels
+    result = segment(image, model, config=InferenceConfig(device=device, tta=True))
+    return result.labels, voxel_uncertainty(result)
 
 
 class FinetuneWidget(Container):
@@ -440,22 +444,39 @@ class FinetuneWidget(Container):
         self._side_workers.append(worker)
         return worker
 
-    def _merge(self, prediction: np.ndarray) -> None:
+    def _merge(self, out: tuple[np.ndarray, np.ndarray]) -> None:
         if self._closed:
             return
         if self.state is None or self._layer is None:
             return
+        prediction, uncertainty = out
+        self._write_uncertainty(uncertainty)
         changed = merge_untouched(self.state, prediction)  # protects what was painted since
         self._layer.data = self.state.labels  # set_data: the Review widget recounts
         self._dirty = True
         self.autosave()
         self._status.value = f"re-segmented: {changed} untouched voxels changed"
 
+    def _write_uncertainty(self, data: np.ndarray) -> None:
+        image = self._image.value
+        if image is None:
+            return
+        name = f"{image.name} uncertainty"
+        layers = self._viewer.layers
+        if name in layers and isinstance(layers[name], napari.layers.Image):
+            layers[name].data = data
+        else:
+            self._viewer.add_image(data, name=name, scale=image.scale[-data.ndim :],
+                                   translate=image.translate[-data.ndim :], colormap="magma",
+                                   contrast_limits=(0.0, 1.0), blending="additive")  # fmt: skip
+
     # -- display ------------------------------------------------------------------------------
     def _refresh(self) -> None:
         state = self.state
         if state is None:
             return
+        if self._layer is not None:  # the Queue widget leaves reviewed slices out
+            self._layer.metadata[REVIEWED_KEY] = set(state.reviewed)
         reviewed = sorted(state.reviewed)
         shown = ", ".join(map(str, reviewed[:12])) + (" ..." if len(reviewed) > 12 else "")
         self._reviewed.value = f"{len(reviewed)} slices: {shown}" if reviewed else "none"

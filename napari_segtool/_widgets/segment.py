@@ -27,6 +27,7 @@ from magicgui.widgets import (
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info
 
+from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import DEVICES, InferenceConfig
 from napari_segtool.errors import InputError, SegtoolError
 from napari_segtool.inference import Progress, Segmentation, iter_segment
@@ -224,7 +225,8 @@ class SegmentWidget(Container):
         assert job is not None
         name = self._write_labels(f"{job.image_name} prediction", result.labels, job)
         if result.uncertainty is not None:
-            self._write_image(f"{job.image_name} uncertainty", result.uncertainty, job)
+            unc = voxel_uncertainty(result)  # entropy and flip disagreement, for the Queue
+            self._write_image(f"{job.image_name} uncertainty", unc, job)
         self._progress.value = 100
         self._status.value = f"done on {result.device}: {name}"
 

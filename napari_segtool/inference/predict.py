@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Slices of a stack handled per chunk by a 2D model: bounds the float32 accumulators to about
 # this many voxels times the number of classes.
-CHUNK_VOXELS = 8 * 512 * 512
+CHUNK_VOXELS = 4 * 512 * 512
 
 
 @dataclass(frozen=True)
@@ -328,7 +328,7 @@ def iter_segment(
         if dis is not None:
             dis[a:b] = out[:, n_classes]
             out = out[:, :n_classes]
-        labels[a:b] = np.argmax(out, axis=1).astype(label_dtype, copy=False)
+        argmax_channels(out, out=labels[a:b])
         if probs is not None:
             probs[:, a:b] = np.moveaxis(out, 1, 0)
         if unc is not None:
@@ -346,6 +346,25 @@ def iter_segment(
     if dis is not None:
         dis = dis.reshape(out_shape)
     return Segmentation(labels, probs, unc, str(device), dis)
+
+
+def argmax_channels(probs: NDArray, *, out: NDArray) -> NDArray:
+    """``argmax`` over axis 1 of ``(N, C, *S)`` written into ``out`` (any integer dtype).
+
+    Unlike ``np.argmax(...).astype(...)`` it needs no int64 temporary the size of the
+    output, only one float plane and one mask; ties go to the lower class, as in argmax.
+
+    >>> p = np.array([[[0.2, 0.5, 0.5]], [[0.8, 0.5, 0.4]]], np.float32)[None]
+    >>> argmax_channels(p[:, :, 0], out=np.empty((1, 3), np.uint8)).tolist()
+    [[1, 0, 0]]
+    """
+    best = np.array(probs[:, 0], copy=True)
+    out[...] = 0
+    for c in range(1, probs.shape[1]):
+        better = probs[:, c] > best
+        out[better] = c
+        np.copyto(best, probs[:, c], where=better)
+    return out
 
 
 def normalized_entropy(probabilities: NDArray, *, axis: int = 0) -> NDArray[np.float32]:

@@ -1,0 +1,142 @@
+"""The Queue dock widget: which slices or tiles to correct next, one click to go there.
+
+It ranks the units (slices of a stack, tiles of a 2D image) of the prediction by the
+uncertainty layer that Segment (with flip TTA) or Fine-tune's re-segmentation wrote, and
+refreshes whenever that layer changes. Slices marked reviewed in the Fine-tune widget leave
+the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import napari
+import napari.layers
+import numpy as np
+from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox, create_widget
+from napari.utils.notifications import show_error
+from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+
+from napari_segtool.active_learning import STRATEGIES, Unit, make_units, rank, score_units
+from napari_segtool.errors import InputError, SegtoolError
+
+logger = logging.getLogger(__name__)
+
+REVIEWED_KEY = "segtool_reviewed"  # set of reviewed slices, kept by the Fine-tune widget
+
+
+class QueueWidget(Container):
+    """Ranked list of units to correct next."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._labels = create_widget(annotation="napari.layers.Labels", label="prediction")
+        self._uncertainty = create_widget(annotation="napari.layers.Image", label="uncertainty")
+        self._strategy = ComboBox(label="strategy", choices=STRATEGIES, value="uncertainty")
+        self._length = SpinBox(label="show", value=10, min=1, max=10_000)
+        self._gap = SpinBox(label="min gap", value=1, min=0, max=100)
+        self._tile = SpinBox(label="tile (2D)", value=256, min=16, max=8192)
+        self._seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
+        self._refresh_button = PushButton(text="Rank")
+        self._status = Label(label="", value="")
+        self.extend([self._labels, self._uncertainty, self._strategy, self._length, self._gap,
+                     self._tile, self._seed, self._refresh_button, self._status])  # fmt: skip
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["unit", "score", "foreground"])
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setMinimumHeight(220)
+        self.table.cellClicked.connect(self.jump_to)
+        self.native.layout().addWidget(self.table)
+        self.queue: list[Unit] = []
+        self._watched: napari.layers.Image | None = None
+        self._refresh_button.changed.connect(self.refresh)
+        for w in (self._strategy, self._length, self._gap, self._tile, self._seed):
+            w.changed.connect(self.refresh)
+        self._uncertainty.changed.connect(self._watch)
+        self._labels.changed.connect(self.refresh)
+        self._watch()
+
+    def _watch(self, *_: Any) -> None:
+        """Re-rank whenever the uncertainty layer gets new data (a new Segment run)."""
+        if self._watched is not None:
+            self._watched.events.data.disconnect(self.refresh)
+        self._watched = self._uncertainty.value
+        if self._watched is not None:
+            self._watched.events.data.connect(self.refresh)
+        self.refresh()
+
+    def reviewed(self) -> set[int]:
+        layer = self._labels.value
+        if layer is None:
+            return set()
+        return {int(z) for z in layer.metadata.get(REVIEWED_KEY, ())}
+
+    def refresh(self, *_: Any) -> list[Unit]:
+        """Rank the units again from the current layers and controls."""
+        labels, unc = self._labels.value, self._uncertainty.value
+        if labels is None:
+            self._status.value = "pick the prediction (and its uncertainty layer)"
+            return []
+        try:
+            strategy = str(self._strategy.value)
+            data = np.asarray(labels.data)
+            if unc is None:
+                if strategy == "uncertainty":
+                    raise InputError(
+                        "no uncertainty layer: segment with flip TTA first, or pick a random "
+                        "strategy"
+                    )
+                u_data = np.zeros(data.shape, np.float32)
+            else:
+                u_data = np.asarray(unc.data)
+                if u_data.shape != data.shape:
+                    raise InputError(
+                        f"uncertainty {u_data.shape} and prediction {data.shape} differ in "
+                        "shape; pick the layers of one image"
+                    )
+            tile = None if data.ndim == 3 else int(self._tile.value)
+            units = score_units(make_units(data.shape, tile=tile), u_data, data)
+            order = rank(units, strategy=strategy, seed=int(self._seed.value),
+                         exclude=self.reviewed() if data.ndim == 3 else (),
+                         min_gap=int(self._gap.value))  # fmt: skip
+        except SegtoolError as exc:
+            self._status.value = "cannot rank"
+            show_error(f"Queue: {exc}")
+            return []
+        self.queue = order[: int(self._length.value)]
+        self._fill()
+        done = len(self.reviewed())
+        self._status.value = f"{len(order)} units left" + (f", {done} reviewed" if done else "")
+        return self.queue
+
+    def _fill(self) -> None:
+        self.table.setRowCount(len(self.queue))
+        for row, u in enumerate(self.queue):
+            for col, text in enumerate((u.label, f"{u.score:.4f}", f"{u.foreground:.3f}")):
+                self.table.setItem(row, col, QTableWidgetItem(text))
+        self.table.resizeColumnsToContents()
+
+    def jump_to(self, row: int, _col: int = 0) -> None:
+        """Show the unit of ``row``: its slice, or the tile centred and filling the view."""
+        if not 0 <= row < len(self.queue):
+            return
+        unit = self.queue[row]
+        layer = self._labels.value
+        if len(unit.grid) == 1:
+            self._viewer.dims.set_current_step(0, unit.grid[0])
+            return
+        ys, xs = unit.region
+        scale = np.asarray(layer.scale[-2:]) if layer is not None else np.ones(2)
+        offset = np.asarray(layer.translate[-2:]) if layer is not None else np.zeros(2)
+        centre = offset + scale * np.array([(ys.start + ys.stop) / 2, (xs.start + xs.stop) / 2])
+        shape = np.asarray(layer.data.shape[-2:]) if layer is not None else np.ones(2)
+        whole = float(np.max(shape * scale))
+        extent = max((ys.stop - ys.start) * scale[0], (xs.stop - xs.start) * scale[1])
+        self._viewer.reset_view()  # zoom that fits the whole image...
+        fit = float(self._viewer.scene.camera.zoom)
+        self._viewer.scene.camera.zoom = 0.9 * fit * whole / max(extent, 1e-9)  # ...then the tile
+        self._viewer.scene.camera.center = tuple(float(c) for c in centre)
