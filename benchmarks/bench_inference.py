@@ -1,17 +1,21 @@
 """Tiled inference: napari-segtool against MONAI's sliding_window_inference, side by side.
 
-    python benchmarks/bench_inference.py [--repeats 3] [--device cpu|cuda] [--cases ...]
+    python benchmarks/bench_inference.py [--rounds 3] [--repeats 2] [--device cpu|cuda]
+                                         [--cases ...]
 
 Prints one JSON object. For each case both tools run the same network (same weights), tile
 shape, overlap (0.25), Gaussian blending and tile batch, and both go from the raw image to a
 label image: napari-segtool through ``iter_segment`` (percentile normalisation, tiling,
 softmax, argmax), MONAI through ``sliding_window_inference`` on the same normalised tensor
-followed by argmax. Every measurement runs in a fresh subprocess:
+followed by argmax. Every measurement runs in a fresh subprocess, ``rounds`` subprocesses per
+tool, alternating which tool goes first:
 
-- ``seconds``: median wall time of ``repeats`` runs after one warm-up run;
-- ``peak_mb``: the largest rise of the process's resident memory (sampled every 2 ms from
-  /proc) over its level just before the first run, i.e. what the inference itself allocates
-  on top of the model and the input; on CUDA also ``cuda_peak_mb`` from torch.
+- ``seconds``: median wall time over all timed runs (``repeats`` per subprocess, each after
+  one warm-up run);
+- ``peak_mb``: median over the subprocesses of the largest rise of the process's resident
+  memory (sampled every 2 ms from /proc) during the warm-up run over its level just before
+  it, i.e. what the inference itself allocates on top of the model and the input; on CUDA
+  also ``cuda_peak_mb`` from torch.
 
 ``ratio_seconds`` and ``ratio_peak`` are ours divided by MONAI's (below 1: ours is better).
 The labels of both are compared (``label_agreement``) so a faster wrong answer would show.
@@ -25,6 +29,7 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 
@@ -175,9 +180,25 @@ def measure(tool: str, case: dict, repeats: int, device: str) -> dict:
     return result
 
 
+def _summarise(results: list[dict]) -> dict:
+    """Median time over every timed run and median peak over the processes."""
+    times = [t for r in results for t in r["all_seconds"]]
+    out = {
+        "seconds": statistics.median(times),
+        "all_seconds": [round(t, 3) for t in times],
+        "peak_mb": statistics.median(r["peak_mb"] for r in results),
+        "all_peak_mb": [round(r["peak_mb"], 1) for r in results],
+    }
+    cuda = [r["cuda_peak_mb"] for r in results if r.get("cuda_peak_mb") is not None]
+    if cuda:
+        out["cuda_peak_mb"] = statistics.median(cuda)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per process")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per tool")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     args = parser.parse_args()
@@ -194,28 +215,36 @@ def main() -> None:
         "overlap": OVERLAP,
         "blend": "gaussian",
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "cases": {},
     }
     if args.device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
     for name in args.cases:
         case = CASES[name]
-        ours = measure("segtool", case, args.repeats, args.device)
-        theirs = measure("monai", case, args.repeats, args.device)
-        agreement = float((ours.pop("labels") == theirs.pop("labels")).mean())
+        runs: dict[str, list[dict]] = {"segtool": [], "monai": []}
+        # fresh processes, alternating which tool goes first, so a drift in machine speed
+        # (other load, thermal) does not favour either
+        for r in range(args.rounds):
+            order = ("segtool", "monai") if r % 2 == 0 else ("monai", "segtool")
+            for tool in order:
+                runs[tool].append(measure(tool, case, args.repeats, args.device))
+        agreement = float((runs["segtool"][0]["labels"] == runs["monai"][0]["labels"]).mean())
+        summary = {tool: _summarise(results) for tool, results in runs.items()}
+        ours, theirs = summary["segtool"], summary["monai"]
         entry = {
             "shape": list(case["shape"]),
             "model": f"{case['dims']}D U-Net, depth 4, base {case['base']}",
             "tile_shape": list(case["tile"]),
             "batch": case["batch"],
-            "segtool": {k: v for k, v in ours.items() if v is not None},
-            "monai": {k: v for k, v in theirs.items() if v is not None},
+            "segtool": ours,
+            "monai": theirs,
             "ratio_seconds": ours["seconds"] / theirs["seconds"],
             "ratio_peak": ours["peak_mb"] / theirs["peak_mb"] if theirs["peak_mb"] else None,
             "label_agreement": agreement,
         }
         report["cases"][name] = entry
-        print(json.dumps({name: entry}), flush=True, file=__import__("sys").stderr)
+        print(json.dumps({name: entry}), flush=True, file=sys.stderr)
     print(json.dumps(report, indent=2))
 
 
