@@ -139,8 +139,14 @@ class FinetuneWidget(Container):
             self._run,
             self._progress, self._use, self._reseg, self._status,
         ])  # fmt: skip
-        self._figure = Figure(figsize=(3, 1.8), layout="constrained")
+        self._figure = Figure(figsize=(3, 1.8))
+        self._figure.subplots_adjust(left=0.14, right=0.97, top=0.95, bottom=0.22)
         self._axes = self._figure.add_subplot()
+        (self._loss_line,) = self._axes.plot([], [], "o-", label="train loss")
+        (self._dice_line,) = self._axes.plot([], [], "s-", label="val Dice")
+        self._axes.set_xlabel("epoch", fontsize=7)
+        self._axes.tick_params(labelsize=7)
+        self._axes.legend(fontsize=6, loc="center right")
         self._canvas = FigureCanvasQTAgg(self._figure)
         self.versions = QTableWidget(0, 4)
         self.versions.setHorizontalHeaderLabels(["version", "val Dice", "start Dice", "in use"])
@@ -344,6 +350,7 @@ class FinetuneWidget(Container):
             show_error(f"Fine-tune: {exc}")
             return None
         self._curve = []
+        self._plot()
         self._worker = create_worker(
             _train,
             job,
@@ -494,16 +501,13 @@ class FinetuneWidget(Container):
         self.versions.resizeColumnsToContents()
 
     def _plot(self) -> None:
-        ax = self._axes
-        ax.clear()
+        """Update the two curves (persistent artists: cheap enough for the UI thread)."""
         epochs = [r.epoch for r in self._curve]
-        ax.plot(epochs, [r.train_loss for r in self._curve], "o-", label="train loss")
+        self._loss_line.set_data(epochs, [r.train_loss for r in self._curve])
         dice = [(r.epoch, r.val_dice) for r in self._curve if r.val_dice is not None]
-        if dice:
-            ax.plot(*zip(*dice, strict=True), "s-", label="val Dice")
-        ax.set_xlabel("epoch", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        self._dice_line.set_data([e for e, _ in dice], [d for _, d in dice])
+        self._axes.relim()
+        self._axes.autoscale_view()
         self._canvas.draw_idle()
 
     def _teardown(self, *_: Any) -> None:

@@ -56,8 +56,13 @@ class ReviewWidget(Container):
         self.slices.setHorizontalHeaderLabels(["Dice", "IoU"])
         self.slices.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.slices.cellClicked.connect(self._jump_to_slice)
-        self._figure = Figure(figsize=(3, 1.6), layout="constrained")
+        self._figure = Figure(figsize=(3, 1.6))
+        self._figure.subplots_adjust(left=0.2, right=0.97, top=0.95, bottom=0.28)
         self._axes = self._figure.add_subplot()
+        (self._line,) = self._axes.plot([], [], marker=".", lw=1)
+        self._axes.set_xlabel("editing time (s)", fontsize=7)
+        self._axes.set_ylabel("Dice", fontsize=7)
+        self._axes.tick_params(labelsize=6)
         self._canvas = FigureCanvasQTAgg(self._figure)
         self.summary.setMinimumHeight(24 * len(SUMMARY_KEYS) + 30)
         self.slices.setMinimumHeight(160)
@@ -224,14 +229,14 @@ class ReviewWidget(Container):
             self.slices.setItem(z, 1, QTableWidgetItem(_fmt(m["iou"])))
 
     def _plot(self) -> None:
-        ax = self._axes
-        ax.clear()
+        """Update the Dice-vs-time line (one artist, redrawn when Qt is idle)."""
         if self._history:
             t, d = zip(*self._history, strict=True)
-            ax.plot(t, d, marker=".", lw=1)
-        ax.set_xlabel("editing time (s)", fontsize=7)
-        ax.set_ylabel("Dice", fontsize=7)
-        ax.tick_params(labelsize=6)
+            self._line.set_data(t, d)
+        else:
+            self._line.set_data([], [])
+        self._axes.relim()
+        self._axes.autoscale_view()
         self._canvas.draw_idle()
 
     def _jump_to_slice(self, row: int, _col: int = 0) -> None:

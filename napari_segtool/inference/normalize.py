@@ -48,6 +48,36 @@ def _sample(channel: NDArray) -> NDArray:
     return flat[::step]
 
 
+def _percentiles(sample: NDArray, qs: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile(sample, qs)`` (linear interpolation), from a histogram for integers.
+
+    Sorting holds the interpreter lock for a long time; for integer samples with a modest
+    range a ``bincount`` gives the same order statistics in a few milliseconds, which keeps
+    the GUI responsive while a worker normalises a large image.
+
+    >>> s = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.uint8)
+    >>> _percentiles(s, (10.0, 99.8)) == tuple(np.percentile(s.astype(np.float32), [10, 99.8]))
+    True
+    """
+    if sample.dtype.kind in "biu" and sample.size:
+        lo_v, hi_v = int(sample.min()), int(sample.max())
+        if hi_v - lo_v < 2**17:
+            counts = np.bincount((sample.astype(np.intp) - lo_v).reshape(-1))
+            cum = np.cumsum(counts)
+            n = sample.size
+            out = []
+            for q in qs:
+                rank = q / 100.0 * (n - 1)
+                i = int(np.floor(rank))
+                j = min(i + 1, n - 1)
+                v_i = float(np.searchsorted(cum, i, side="right") + lo_v)
+                v_j = float(np.searchsorted(cum, j, side="right") + lo_v)
+                out.append(v_i + (v_j - v_i) * (rank - i))
+            return out[0], out[1]
+    a, b = np.percentile(sample.astype(np.float32), list(qs))
+    return float(a), float(b)
+
+
 def percentile_range(
     image: NDArray, normalization: NormalizationConfig, *, channel_axis: int | None = None
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
@@ -63,8 +93,7 @@ def percentile_range(
     lo = np.empty(len(chans), np.float32)
     hi = np.empty(len(chans), np.float32)
     for i, ch in enumerate(chans):
-        sample = _sample(ch).astype(np.float32)
-        a, b = np.percentile(sample, [normalization.lower, normalization.upper])
+        a, b = _percentiles(_sample(ch), (normalization.lower, normalization.upper))
         if b <= a:
             a, b = float(ch.min()), float(ch.max())
         if b <= a:

@@ -145,9 +145,13 @@ class ConfusionTracker:
         else:
             mask = np.asarray(mask, bool)
             other = other_box[mask]
-            counts_per_plane = (
-                mask.reshape(mask.shape[0], -1).sum(1) if self.pred.ndim >= 3 else None
-            )
+            counts_per_plane = None
+            if self.pred.ndim >= 3:
+                counts_per_plane = (
+                    np.array([old.size])  # one plane thick: no need to count
+                    if mask.shape[0] == 1
+                    else mask.reshape(mask.shape[0], -1).sum(1)
+                )
         if old.size != other.size:
             raise InputError(
                 f"paint atom has {old.size} old values for {other.size} voxels of its box"
@@ -179,6 +183,9 @@ class ConfusionTracker:
         self._grow(k_needed)
         k = self.n_classes
         cm = self.confusion[z]
+        if k == 2 and new.ndim == 0:  # binary masks, one painted label: four counts suffice
+            self._update_binary(cm, other != 0, old != 0, int(new), which)
+            return
         other = other.astype(np.intp, copy=False)
         before = np.bincount(other * k + old, minlength=k * k).reshape(k, k)
         if which == "pred":  # cm[ref, pred]
@@ -195,6 +202,24 @@ class ConfusionTracker:
         after = np.bincount(other * k + np.broadcast_to(new, old.shape), minlength=k * k)
         after = after.reshape(k, k)
         cm += after if which == "pred" else after.T
+
+    @staticmethod
+    def _update_binary(
+        cm: NDArray, other: NDArray[np.bool_], old: NDArray[np.bool_], new: int, which: Which
+    ) -> None:
+        n = other.size
+        n_other = int(np.count_nonzero(other))
+        n_old = int(np.count_nonzero(old))
+        both = int(np.count_nonzero(other & old))
+        # before[o, v]: voxels with other-image class o and old value v
+        before = np.array([[n - n_other - n_old + both, n_old - both], [n_other - both, both]])
+        col = np.array([n - n_other, n_other])
+        if which == "pred":  # cm[ref, pred]
+            cm -= before
+            cm[:, new] += col
+        else:
+            cm -= before.T
+            cm[new, :] += col
 
     def _update(
         self, z: NDArray, other: NDArray, old: NDArray, new: NDArray, which: Which

@@ -36,8 +36,9 @@ def test_index_update_and_new_classes():
     assert tr.confusion[1, 1, 5] == 1  # reference 1, predicted 5, slice 1
 
 
+@pytest.mark.parametrize("top", [1, 3])  # binary masks take a fast path; 0-3 the general one
 @pytest.mark.parametrize("shape", [(48, 60), (6, 40, 50)])
-def test_incremental_equals_full_recount_after_random_edits(shape):
+def test_incremental_equals_full_recount_after_random_edits(shape, top):
     rng = np.random.default_rng(1)
     edited = Labels((rng.random(shape) < 0.3).astype(np.uint8))
     reference = Labels((rng.random(shape) < 0.3).astype(np.uint8))
@@ -48,7 +49,7 @@ def test_incremental_equals_full_recount_after_random_edits(shape):
         layer = edited if rng.random() < 0.7 else reference
         op = int(rng.integers(6))
         seen.add(op)
-        layer.selected_label = int(rng.integers(0, 4))
+        layer.selected_label = int(rng.integers(0, top + 1))
         layer.n_edit_dimensions = 2 if op == 2 or len(shape) == 2 else int(rng.choice([2, 3]))
         point = [int(rng.integers(s)) for s in shape]
         if op == 0:
