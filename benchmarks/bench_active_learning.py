@@ -3,7 +3,8 @@
     python benchmarks/bench_active_learning.py [--seeds 3] [--rounds 5] [--device cpu]
 
 Runs the simulated correction loop (``napari_segtool.active_learning.iter_simulate``) with the
-three strategies, the same seeds and the same random initial units, on two problems:
+three strategies (and ``uncertainty-top``: units scored by their 5 % most uncertain
+voxels), the same seeds and the same random initial units, on two problems:
 
 - ``em_slices``: the ISBI 2012 EM stack, centre crop 30 x 256 x 256 (to keep a CPU run
   short), units = slices; 30 % of the slices (evenly spread) are held out for evaluation;
@@ -32,7 +33,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("uncertainty", "foreground-random", "random")
+# (name, strategy, unit score): "uncertainty-top" scores a unit by its 5 % most uncertain
+# voxels instead of the mean
+STRATEGIES = (
+    ("uncertainty", "uncertainty", "mean"),
+    ("uncertainty-top", "uncertainty", "top"),
+    ("foreground-random", "foreground-random", "mean"),
+    ("random", "random", "mean"),
+)
 
 
 def _data() -> dict[str, tuple[np.ndarray, np.ndarray, int | None]]:
@@ -110,8 +118,8 @@ def run(args: argparse.Namespace) -> dict:
             "ceiling_seconds": round(time.perf_counter() - t0, 1),
             "strategies": {},
         }
-        for strategy in STRATEGIES:
-            cfg = SimulationConfig(**{**base.__dict__, "strategy": strategy})
+        for strategy, kind, score in STRATEGIES:
+            cfg = SimulationConfig(**{**base.__dict__, "strategy": kind, "score": score})
             curves = []
             t0 = time.perf_counter()
             for s in range(args.seeds):
@@ -138,6 +146,12 @@ def run(args: argparse.Namespace) -> dict:
         )
         entry["ratio_units_uncertainty_vs_random"] = _ratio(
             entry["strategies"], "uncertainty", "random"
+        )
+        entry["ratio_units_uncertainty_top_vs_foreground_random"] = _ratio(
+            entry["strategies"], "uncertainty-top", "foreground-random"
+        )
+        entry["ratio_units_uncertainty_top_vs_random"] = _ratio(
+            entry["strategies"], "uncertainty-top", "random"
         )
         out[problem] = entry
     return out

@@ -68,19 +68,33 @@ def score_units(
     units: list[Unit],
     uncertainty: NDArray,
     labels: NDArray | None = None,
+    *,
+    reduce: str = "mean",
+    top_fraction: float = 0.05,
 ) -> list[Unit]:
-    """The units with ``score`` = mean uncertainty and ``foreground`` = share of labels > 0.
+    """The units with their ``score`` and ``foreground`` (share of labels > 0).
 
-    ``uncertainty`` and ``labels`` have the image's spatial shape.
+    ``uncertainty`` and ``labels`` have the image's spatial shape. ``reduce="mean"`` scores a
+    unit by its mean uncertainty; ``"top"`` by the mean of its ``top_fraction`` most
+    uncertain voxels, which favours units with a few confused regions over units whose
+    object boundaries are all a little uncertain.
 
     >>> u = make_units((2, 2, 2))
     >>> unc = np.array([[[0, 0], [0, 0]], [[1, 1], [0, 0]]], float)
     >>> [(s.score, s.foreground) for s in score_units(u, unc, (unc > 0).astype(int))]
     [(0.0, 0.0), (0.5, 0.5)]
     """
+    if reduce not in ("mean", "top"):
+        raise InputError(f"reduce must be 'mean' or 'top', got {reduce!r}")
     out = []
     for u in units:
-        score = float(np.mean(uncertainty[u.region]))
+        values = uncertainty[u.region]
+        if reduce == "top":
+            flat = values.reshape(-1)
+            k = max(1, round(top_fraction * flat.size))
+            score = float(np.mean(np.partition(flat, flat.size - k)[flat.size - k :]))
+        else:
+            score = float(np.mean(values))
         fg = float(np.mean(labels[u.region] > 0)) if labels is not None else 0.0
         out.append(Unit(u.index, u.grid, u.region, score, fg))
     return out

@@ -40,6 +40,7 @@ class SimulationConfig:
     held_out_fraction: float = 0.3
     tile: int = 128
     min_gap: int = 1
+    score: str = "mean"
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
@@ -133,8 +134,10 @@ def iter_simulate(
     held_mask = _mask(labels.shape, units, set(held))
     n_classes = model.config.out_channels
     ft = cfg.finetune.replace(seed=seed)
-    inference = InferenceConfig(device=ft.device, batch_size=ft.batch_size,
-                                tta=cfg.strategy == "uncertainty")  # fmt: skip
+    # every strategy is judged on the same plain prediction; only the uncertainty strategy
+    # pays for a flip-TTA run, to score the units
+    plain = InferenceConfig(device=ft.device, batch_size=ft.batch_size)
+    with_tta = InferenceConfig(device=ft.device, batch_size=ft.batch_size, tta=True)
     current = model
     curve: list[RoundPoint] = []
     for r in range(cfg.rounds + 1):
@@ -143,7 +146,7 @@ def iter_simulate(
         result = _train(current, image, labels, mask, ft)
         if result.promote:
             current = result.model
-        seg = segment(image, current, config=inference)
+        seg = segment(image, current, config=plain)
         point = RoundPoint(r, tuple(revealed), _dice(seg.labels, labels, held_mask, n_classes),
                            time.perf_counter() - t0)  # fmt: skip
         logger.info("%s seed %d round %d: %d units, Dice %.4f", cfg.strategy, seed, r,
@@ -152,8 +155,12 @@ def iter_simulate(
         yield point
         if r == cfg.rounds:
             break
-        unc = voxel_uncertainty(seg) if inference.tta else np.zeros(labels.shape, np.float32)
-        scored = score_units(pool, unc, seg.labels)
+        if cfg.strategy == "uncertainty":
+            seg = segment(image, current, config=with_tta)
+            unc = voxel_uncertainty(seg)
+        else:
+            unc = np.zeros(labels.shape, np.float32)
+        scored = score_units(pool, unc, seg.labels, reduce=cfg.score)
         order = rank(scored, strategy=cfg.strategy, seed=seed * 1000 + r,
                      exclude=revealed, min_gap=cfg.min_gap)  # fmt: skip
         if not order:

@@ -81,3 +81,17 @@ def test_bad_options():
         rank(_units(), strategy="oracle")
     with pytest.raises(InputError, match="tile size"):
         make_units((10, 10))
+
+
+def test_top_score_favours_a_few_confused_voxels():
+    units = make_units((2, 10, 10))
+    unc = np.zeros((2, 10, 10), np.float32)
+    unc[0] = 0.3  # everything a little uncertain
+    unc[1, :2, :3] = 1.0  # six very confused voxels
+    mean = score_units(units, unc, reduce="mean")
+    top = score_units(units, unc, reduce="top", top_fraction=0.05)
+    assert mean[0].score > mean[1].score
+    assert top[1].score == 1.0
+    assert top[0].score == pytest.approx(0.3)
+    with pytest.raises(InputError, match="reduce"):
+        score_units(units, unc, reduce="max")
