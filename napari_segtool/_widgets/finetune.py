@@ -224,6 +224,13 @@ class FinetuneWidget(Container):
                         f"{project.state_path}: saved for shape {state.labels.shape}, not "
                         f"{layer.data.shape}; choose another project folder"
                     )
+                if not np.array_equal(np.asarray(layer.data), state.labels):
+                    # never lose what is in the layer now: keep it beside the restored one
+                    backup = self._viewer.add_labels(
+                        np.array(layer.data, copy=True), name=f"{layer.name} before restore",
+                        scale=layer.scale, translate=layer.translate, visible=False,
+                    )  # fmt: skip
+                    show_info(f"Fine-tune: the layer's previous content is in '{backup.name}'")
                 layer.data = state.labels  # restore the saved corrections
                 state.labels = layer.data
                 msg = f"restored {len(state.versions)} versions, {len(state.reviewed)} reviewed"

@@ -62,7 +62,12 @@ def _percentiles(sample: NDArray, qs: tuple[float, float]) -> tuple[float, float
     if sample.dtype.kind in "biu" and sample.size:
         lo_v, hi_v = int(sample.min()), int(sample.max())
         if hi_v - lo_v < 2**17:
-            counts = np.bincount((sample.astype(np.intp) - lo_v).reshape(-1))
+            flat = sample.reshape(-1)
+            counts = np.zeros(hi_v - lo_v + 1, np.int64)
+            for start in range(0, flat.size, 1 << 18):  # chunks: no sample-sized intp copy
+                part = flat[start : start + (1 << 18)].astype(np.intp)
+                part -= lo_v
+                counts += np.bincount(part, minlength=counts.size)
             cum = np.cumsum(counts)
             n = sample.size
             out = []

@@ -171,6 +171,7 @@ def iter_sliding_window(
         region = tuple(slice(s, s + e) for s, e in zip(start, eff_tile, strict=True))
         wsum[region] += weights
     acc = np.zeros((n, out_channels, *spatial), np.float32)
+    weighted = np.empty((out_channels, *eff_tile), np.float32)
     dev = torch.device(device)
     total = len(jobs)
     done = 0
@@ -219,7 +220,8 @@ def iter_sliding_window(
         if needs_pad:
             y_np = y_np[(slice(None), slice(None), *(slice(0, e) for e in eff_tile))]
         for k, ((i, _), r) in enumerate(zip(batch, regions, strict=True)):
-            acc[(i, slice(None), *r)] += y_np[k] * weights
+            np.multiply(y_np[k], weights, out=weighted)  # no temporary per tile
+            acc[(i, slice(None), *r)] += weighted
         pos += len(batch)
         done += len(batch)
         yield TileProgress(done, total)

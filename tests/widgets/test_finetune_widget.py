@@ -108,6 +108,8 @@ def test_reopening_restores_corrections(setup, qtbot, make_napari_viewer):
     layer.data = np.zeros_like(edited)  # the user loses the layer's content
     assert widget.open_project()  # same folder: restored from disk
     assert np.array_equal(layer.data, edited)
+    # and what the layer held just before is kept, not overwritten
+    assert not viewer.layers["cells prediction before restore"].data.any()
     assert widget.state.painted.sum() > 0
 
 
