@@ -32,8 +32,9 @@ from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import QAbstractItemView, QSizePolicy, QTableWidget, QTableWidgetItem
 
+from napari_segtool._widgets import _gc
 from napari_segtool._widgets.queue import REVIEWED_KEY
 from napari_segtool._widgets.segment import ORIGINAL_KEY, SOURCE_KEY
 from napari_segtool.active_learning import voxel_uncertainty
@@ -133,6 +134,8 @@ class FinetuneWidget(Container):
         self._use = PushButton(text="Use selected version")
         self._reseg = PushButton(text="Re-segment untouched")
         self._status = Label(label="", value="")
+        for label in (self._status, self._reviewed):
+            _fixed_width(label)
         self.extend([
             self._image, self._labels, self._truth, self._model, self._folder, self._open,
             self._reviewed, self._mark, self._epochs, self._steps, self._lr, self._device,
@@ -368,6 +371,7 @@ class FinetuneWidget(Container):
         self._run.text = "Cancel"
         self._progress.value = 0
         self._status.value = "fine-tuning..."
+        _gc.hold()  # no full collection of napari's objects mid-round
         self._worker.start()
         return self._worker
 
@@ -420,6 +424,7 @@ class FinetuneWidget(Container):
         self._status.value = "failed"
 
     def _on_finished(self) -> None:
+        _gc.release()
         if self._closed:
             return
         if self._worker is not None and self._worker.abort_requested:
@@ -527,6 +532,12 @@ class FinetuneWidget(Container):
             self.save_now()
         except (OSError, SegtoolError) as exc:  # closing must not raise
             logger.error("could not save the project on close: %s", exc)
+
+
+def _fixed_width(label: Label) -> None:
+    """Text updates must not resize the dock (and with it the canvas, an expensive redraw)."""
+    label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+    label.native.setMinimumWidth(10)
 
 
 def _num(value: Any) -> str:

@@ -27,6 +27,7 @@ from magicgui.widgets import (
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info
 
+from napari_segtool._widgets import _gc
 from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import DEVICES, InferenceConfig
 from napari_segtool.errors import InputError, SegtoolError
@@ -189,6 +190,7 @@ class SegmentWidget(Container):
         self._run.text = "Cancel"
         self._progress.value = 0
         self._status.value = f"segmenting {job.image_name}..."
+        _gc.hold()
         worker.start()
         return worker
 
@@ -215,6 +217,7 @@ class SegmentWidget(Container):
         self._status.value = "failed"
 
     def _on_finished(self) -> None:
+        _gc.release()
         if self._worker is not None and self._worker.abort_requested:
             self._status.value = "cancelled"
         self._worker = None
