@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("labels", type=Path, help="the full reference labels (TIFF)")
     sim.add_argument("--strategy", choices=("uncertainty", "random", "foreground-random"),
                      default="uncertainty")  # fmt: skip
+    sim.add_argument(
+        "--score",
+        choices=("top", "mean"),
+        default="top",
+        help="unit score: mean of its 5 %% most uncertain voxels, or of all",
+    )
     sim.add_argument("--init", help="starting model (bundled name or file); default: new 2D")
     sim.add_argument("--initial", type=int, default=2, help="units revealed at random first")
     sim.add_argument("--rounds", type=int, default=4)
@@ -347,6 +353,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     lr = args.learning_rate or (5e-4 if args.init else 2e-3)
     config = SimulationConfig(
         strategy=args.strategy,
+        score=args.score,
         initial=args.initial,
         rounds=args.rounds,
         per_round=args.per_round,

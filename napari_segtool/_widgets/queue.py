@@ -35,13 +35,19 @@ class QueueWidget(Container):
         self._labels = create_widget(annotation="napari.layers.Labels", label="prediction")
         self._uncertainty = create_widget(annotation="napari.layers.Image", label="uncertainty")
         self._strategy = ComboBox(label="strategy", choices=STRATEGIES, value="uncertainty")
+        self._score = ComboBox(label="unit score", choices=("top 5 %", "mean"), value="top 5 %")
+        self._score.tooltip = (
+            "top 5 %: mean of a unit's most uncertain voxels (ranked best in our simulations); "
+            "mean: mean over the whole unit"
+        )
         self._length = SpinBox(label="show", value=10, min=1, max=10_000)
         self._gap = SpinBox(label="min gap", value=1, min=0, max=100)
         self._tile = SpinBox(label="tile (2D)", value=256, min=16, max=8192)
         self._seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self._refresh_button = PushButton(text="Rank")
         self._status = Label(label="", value="")
-        self.extend([self._labels, self._uncertainty, self._strategy, self._length, self._gap,
+        self.extend([self._labels, self._uncertainty, self._strategy, self._score, self._length,
+                     self._gap,
                      self._tile, self._seed, self._refresh_button, self._status])  # fmt: skip
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["unit", "score", "foreground"])
@@ -54,7 +60,7 @@ class QueueWidget(Container):
         self.queue: list[Unit] = []
         self._watched: napari.layers.Image | None = None
         self._refresh_button.changed.connect(self.refresh)
-        for w in (self._strategy, self._length, self._gap, self._tile, self._seed):
+        for w in (self._strategy, self._score, self._length, self._gap, self._tile, self._seed):
             w.changed.connect(self.refresh)
         self._uncertainty.changed.connect(self._watch)
         self._labels.changed.connect(self.refresh)
@@ -99,7 +105,8 @@ class QueueWidget(Container):
                         "shape; pick the layers of one image"
                     )
             tile = None if data.ndim == 3 else int(self._tile.value)
-            units = score_units(make_units(data.shape, tile=tile), u_data, data)
+            reduce = "top" if str(self._score.value).startswith("top") else "mean"
+            units = score_units(make_units(data.shape, tile=tile), u_data, data, reduce=reduce)
             order = rank(units, strategy=strategy, seed=int(self._seed.value),
                          exclude=self.reviewed() if data.ndim == 3 else (),
                          min_gap=int(self._gap.value))  # fmt: skip

@@ -40,7 +40,7 @@ class SimulationConfig:
     held_out_fraction: float = 0.3
     tile: int = 128
     min_gap: int = 1
-    score: str = "mean"
+    score: str = "top"
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
