@@ -25,9 +25,8 @@ def setup(make_napari_viewer, tmp_path, qtbot):
     seg._model.value = "model file..."
     seg._model_file.value = model_file
     seg._tile.value = "64, 64"
-    worker = seg.start()
-    with qtbot.waitSignal(worker.finished, timeout=60_000):
-        pass
+    assert seg.start() is not None
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=60_000)
     _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Fine-tune")
     assert isinstance(widget, FinetuneWidget)
     widget._labels.value = viewer.layers["cells prediction"]
@@ -61,16 +60,17 @@ def test_correct_review_finetune_keeps_corrections(setup, qtbot, errors):
     worker = widget.start()
     assert worker is not None
     assert widget._run.text == "Cancel"
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     assert not errors
     assert [v["version"] for v in widget.state.versions] == [1]
     assert (widget.project.folder / "models" / "v0001.pt").exists()
     assert widget.versions.rowCount() == 2
     # promoted or not, re-segmenting keeps the painted slice region and the reviewed slice
-    resegment = widget.resegment()
-    with qtbot.waitSignal(resegment.finished, timeout=60_000):
-        pass
+    if widget.state.versions[0]["promoted"]:  # then it re-segments by itself first
+        qtbot.waitUntil(lambda: "re-segmented" in widget._status.value, timeout=60_000)
+    widget._status.value = ""
+    assert widget.resegment() is not None
+    qtbot.waitUntil(lambda: "re-segmented" in widget._status.value, timeout=60_000)
     assert np.array_equal(layer.data[2], truth[2])
     stroke = widget.state.painted[1]
     assert np.array_equal(layer.data[1][stroke], painted[stroke])
@@ -129,9 +129,8 @@ def test_ground_truth_layer_trains_without_corrections(setup, qtbot, errors):
     viewer.add_labels(truth, name="cells truth")
     widget._truth.value = viewer.layers["cells truth"]
     assert widget.open_project()
-    worker = widget.start()
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     if widget.state.versions[0]["promoted"]:  # then it re-segments the untouched voxels
         qtbot.waitUntil(lambda: "re-segmented" in widget._status.value, timeout=60_000)
     assert not errors

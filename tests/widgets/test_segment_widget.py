@@ -29,8 +29,8 @@ def errors(monkeypatch):
 def run(qtbot, widget):
     worker = widget.start()
     assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    # not waitSignal: a worker that fails at once can finish before a late connection
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     return worker
 
 
