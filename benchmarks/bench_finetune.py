@@ -52,15 +52,12 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _round(model, item, config) -> tuple[object, float]:
+    from napari_segtool.inference.tiling import run_to_end
     from napari_segtool.training import iter_finetune
 
     t0 = time.perf_counter()
-    gen = iter_finetune(model, [item], config=config, progress_every=None)
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value, time.perf_counter() - t0
+    result = run_to_end(iter_finetune(model, [item], config=config, progress_every=None))
+    return result, time.perf_counter() - t0
 
 
 def bench_bundled(device: str) -> dict:

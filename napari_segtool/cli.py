@@ -267,6 +267,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_labels(path: Path) -> np.ndarray:
+    from napari_segtool.io import read_image
+
+    labels = read_image(path).data
+    if labels.dtype.kind not in "biu":
+        raise InputError(f"{path}: labels must be integers, not {labels.dtype}")
+    return labels
+
+
+def _finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfig:
+    """The training flags shared by ``train`` and ``simulate``; fine-tuning (``--init``)
+    defaults to a lower learning rate than training a new model."""
+    return FinetuneConfig(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        patch_shape=args.patch_shape,
+        learning_rate=args.learning_rate or (5e-4 if args.init else 2e-3),
+        device=args.device,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from napari_segtool.inference import resolve_device
     from napari_segtool.io import read_image
@@ -275,9 +298,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)
     image = read_image(args.image)
-    labels = read_image(args.labels).data
-    if labels.dtype.kind not in "biu":
-        raise InputError(f"{args.labels}: labels must be integers, not {labels.dtype}")
+    labels = _read_labels(args.labels)
     mask = None
     if args.mask is not None:
         mask = read_image(args.mask).data != 0
@@ -299,17 +320,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             name=args.output.stem,
         )
-    lr = args.learning_rate or (5e-4 if args.init else 2e-3)
-    config = FinetuneConfig(
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        patch_shape=args.patch_shape,
-        learning_rate=lr,
+    config = _finetune_config(
+        args,
         validation_fraction=args.validation_fraction,
         patience=args.patience,
         seed=args.seed,
-        device=args.device,
     )
     gen = iter_finetune(
         model,
@@ -344,13 +359,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)
     image = read_image(args.image).data
-    labels = read_image(args.labels).data
-    if labels.dtype.kind not in "biu":
-        raise InputError(f"{args.labels}: labels must be integers, not {labels.dtype}")
+    labels = _read_labels(args.labels)
     if args.seeds < 1:
         raise InputError("--seeds must be >= 1")
     n_classes = max(2, int(labels.max()) + 1)
-    lr = args.learning_rate or (5e-4 if args.init else 2e-3)
     config = SimulationConfig(
         strategy=args.strategy,
         score=args.score,
@@ -359,14 +371,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         per_round=args.per_round,
         held_out_fraction=args.held_out,
         tile=args.tile,
-        finetune=FinetuneConfig(
-            epochs=args.epochs,
-            steps_per_epoch=args.steps_per_epoch,
-            batch_size=args.batch_size,
-            patch_shape=args.patch_shape,
-            learning_rate=lr,
-            device=args.device,
-        ),
+        finetune=_finetune_config(args),
     )
     runs = []
     for seed in range(args.seeds):

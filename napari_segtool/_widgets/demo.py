@@ -48,6 +48,15 @@ def correct_like_a_user(
     return int(wrong.sum())
 
 
+def _prediction_and_reference(
+    viewer: napari.Viewer,
+) -> tuple[napari.layers.Labels, napari.layers.Labels]:
+    labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
+    reference = next(layer for layer in labels if layer.name.endswith("reference"))
+    edited = next(layer for layer in labels if layer.name.endswith("prediction"))
+    return edited, reference
+
+
 def run_demo(
     sample: str = "isbi_em",
     *,
@@ -101,9 +110,7 @@ def run_demo(
     def start_finetune() -> None:
         import tempfile
 
-        labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
-        reference = next(layer for layer in labels if layer.name.endswith("reference"))
-        edited = next(layer for layer in labels if layer.name.endswith("prediction"))
+        edited, reference = _prediction_and_reference(viewer)
         _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
         panel._labels.value = edited
         folder = project or Path(tempfile.mkdtemp()) / "demo.segtool"
@@ -136,9 +143,7 @@ def run_demo(
         worker.finished.connect(lambda: QTimer.singleShot(500, when_settled))
 
     def start_review() -> None:
-        labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
-        reference = next(layer for layer in labels if layer.name.endswith("reference"))
-        edited = next(layer for layer in labels if layer.name.endswith("prediction"))
+        edited, reference = _prediction_and_reference(viewer)
         _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
         panel._edited.value = edited
         panel._reference.value = reference

@@ -36,7 +36,7 @@ from qtpy.QtWidgets import QAbstractItemView, QSizePolicy, QTableWidget, QTableW
 
 from napari_segtool._widgets import _gc
 from napari_segtool._widgets.queue import REVIEWED_KEY
-from napari_segtool._widgets.segment import ORIGINAL_KEY, SOURCE_KEY
+from napari_segtool._widgets.segment import ORIGINAL_KEY, SOURCE_KEY, write_uncertainty_layer
 from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig
 from napari_segtool.errors import InputError, SegtoolError
@@ -480,14 +480,9 @@ class FinetuneWidget(Container):
         image = self._image.value
         if image is None:
             return
-        name = f"{image.name} uncertainty"
-        layers = self._viewer.layers
-        if name in layers and isinstance(layers[name], napari.layers.Image):
-            layers[name].data = data
-        else:
-            self._viewer.add_image(data, name=name, scale=image.scale[-data.ndim :],
-                                   translate=image.translate[-data.ndim :], colormap="magma",
-                                   contrast_limits=(0.0, 1.0), blending="additive")  # fmt: skip
+        write_uncertainty_layer(self._viewer, f"{image.name} uncertainty", data,
+                                tuple(image.scale[-data.ndim :]),
+                                tuple(image.translate[-data.ndim :]))  # fmt: skip
 
     # -- display ------------------------------------------------------------------------------
     def _refresh(self) -> None:

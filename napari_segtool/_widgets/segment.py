@@ -60,6 +60,24 @@ class SegmentJob:
     config: InferenceConfig
 
 
+def write_uncertainty_layer(
+    viewer: napari.viewer.Viewer,
+    name: str,
+    data: np.ndarray,
+    scale: tuple[float, ...],
+    translate: tuple[float, ...],
+) -> None:
+    """Update the Image layer ``name`` with ``data``, or add it (magma, 0-1, additive)."""
+    layers = viewer.layers
+    if name in layers and isinstance(layers[name], napari.layers.Image):
+        layers[name].data = data
+        return
+    viewer.add_image(
+        data, name=name, scale=scale, translate=translate, colormap="magma",
+        contrast_limits=(0.0, 1.0), blending="additive", visible=True,
+    )  # fmt: skip
+
+
 def parse_tile_shape(text: str) -> tuple[int, ...] | None:
     """``"256, 256"`` -> ``(256, 256)``; empty -> None (the model's default)."""
     text = text.strip().lower().replace("x", ",")
@@ -261,11 +279,4 @@ class SegmentWidget(Container):
         return layer.name
 
     def _write_image(self, name: str, data: np.ndarray, job: SegmentJob) -> None:
-        layers = self._viewer.layers
-        if name in layers and isinstance(layers[name], napari.layers.Image):
-            layers[name].data = data
-            return
-        self._viewer.add_image(
-            data, name=name, scale=job.scale, translate=job.translate, colormap="magma",
-            contrast_limits=(0.0, 1.0), blending="additive", visible=True,
-        )  # fmt: skip
+        write_uncertainty_layer(self._viewer, name, data, job.scale, job.translate)

@@ -23,8 +23,10 @@ from napari_segtool.active_learning.uncertainty import voxel_uncertainty
 from napari_segtool.config import FinetuneConfig, InferenceConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference.predict import segment
+from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.finetune import LabelledImage, iter_finetune
+from napari_segtool.training.loop import foreground_dice
 
 logger = logging.getLogger(__name__)
 
@@ -87,25 +89,13 @@ def _mask(shape: tuple[int, ...], units: list[Unit], chosen: set[int]) -> NDArra
     return mask
 
 
-def _dice(pred: NDArray, ref: NDArray, where: NDArray[np.bool_], n_classes: int) -> float:
-    p, r = pred[where], ref[where]
-    scores = []
-    for c in range(1, n_classes):
-        pc, rc = p == c, r == c
-        denom = int(pc.sum() + rc.sum())
-        if denom:
-            scores.append(2 * int(np.count_nonzero(pc & rc)) / denom)
-    return float(np.mean(scores)) if scores else 1.0
-
-
 def _train(model: SegmentationModel, image, labels, mask, cfg: FinetuneConfig):
-    gen = iter_finetune(model, [LabelledImage(image, labels, mask)], config=cfg,
-                        progress_every=None)  # fmt: skip
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
+    items = [LabelledImage(image, labels, mask)]
+    return run_to_end(iter_finetune(model, items, config=cfg, progress_every=None))
+
+
+def _dice(pred: NDArray, ref: NDArray, where: NDArray[np.bool_], n_classes: int) -> float:
+    return foreground_dice(pred[where], ref[where], n_classes)
 
 
 def iter_simulate(

@@ -24,6 +24,7 @@ from napari_segtool.config import FinetuneConfig, InferenceConfig, TrainingConfi
 from napari_segtool.errors import InputError
 from napari_segtool.inference.normalize import apply_range, check_values, percentile_range
 from napari_segtool.inference.predict import segment
+from napari_segtool.metrics.overlap import overlap_metrics
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.data import PatchSampler
 from napari_segtool.training.loop import EpochReport, StepProgress, iter_train
@@ -249,16 +250,10 @@ def masked_scores(
         v = item.val[region]
         ref = item.labels[region][v].astype(np.intp)
         cm += np.bincount(ref * k + pred[v], minlength=k * k).reshape(k, k)
-    total = int(cm.sum())
-    if total == 0:
+    if int(cm.sum()) == 0:
         raise InputError("no validation voxels")
-    dices = []
-    for c in range(1, k):
-        tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c, :].sum() - cm[c, c]
-        if tp + fp + fn:
-            dices.append(2 * tp / (2 * tp + fp + fn))
-    dice = float(np.mean(dices)) if dices else 1.0
-    return dice, float((total - np.trace(cm)) / total)
+    scores = overlap_metrics(confusion=cm)  # same macro Dice as the Review widget shows
+    return float(scores["dice"]), 1.0 - float(scores["pixel_accuracy"])  # type: ignore[arg-type]
 
 
 def iter_finetune(

@@ -15,6 +15,7 @@ from napari_segtool.active_learning import (
 from napari_segtool.config import FinetuneConfig, InferenceConfig, ModelConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference import segment
+from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.model import SegmentationModel
 from napari_segtool.training import LabelledImage, iter_finetune
 from tests.training.conftest import tiny_model
@@ -39,20 +40,12 @@ def easy_and_hard(n: int = 8, size: int = 64, seed: int = 0):
     return np.stack(images), np.stack(labels)
 
 
-def _run(gen):
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
-
-
 @pytest.fixture(scope="module")
 def trained():
     image, labels = easy_and_hard()
     mask = np.zeros(labels.shape, bool)
     mask[[0, 2]] = True  # trained on two easy slices only
-    result = _run(iter_finetune(tiny_model(), [LabelledImage(image, labels, mask)],
+    result = run_to_end(iter_finetune(tiny_model(), [LabelledImage(image, labels, mask)],
                                 config=FAST.replace(validation_fraction=0.0)))  # fmt: skip
     return image, labels, result.model
 
@@ -102,11 +95,11 @@ def test_simulate_end_to_end_on_a_tiny_stack():
     cfg = SimulationConfig(strategy="uncertainty", initial=2, rounds=2, per_round=2,
                            finetune=FAST.replace(epochs=1, steps_per_epoch=4))  # fmt: skip
     held = set(held_out_units(make_units(labels.shape), cfg.held_out_fraction))
-    curve = _run(iter_simulate(image, labels, tiny_model(), config=cfg, seed=1))
+    curve = run_to_end(iter_simulate(image, labels, tiny_model(), config=cfg, seed=1))
     assert [p.n_revealed for p in curve] == [2, 4, 6]
     assert all(0.0 <= p.dice <= 1.0 for p in curve)
     revealed = curve[-1].revealed
     assert len(set(revealed)) == 6
     assert held.isdisjoint(revealed)
-    again = _run(iter_simulate(image, labels, tiny_model(), config=cfg, seed=1))
+    again = run_to_end(iter_simulate(image, labels, tiny_model(), config=cfg, seed=1))
     assert [p.revealed for p in again] == [p.revealed for p in curve]

@@ -4,6 +4,7 @@ import pytest
 from napari_segtool.config import FinetuneConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference import segment
+from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.io.project import Project, ProjectState, merge_untouched
 from napari_segtool.model import SegmentationModel
 from napari_segtool.training import (
@@ -24,14 +25,6 @@ from tests.training.conftest import blobs, tiny_model
 
 FAST = FinetuneConfig(epochs=3, steps_per_epoch=10, batch_size=4, learning_rate=1e-2,
                       device="cpu", patch_shape=(48, 48))  # fmt: skip
-
-
-def _run(gen):
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
 
 
 def test_labelled_mask_counts_changed_voxels_and_reviewed_slices():
@@ -81,7 +74,7 @@ def test_finetune_learns_from_partial_labels_and_leaves_the_start_untouched():
 def test_finetune_result_beats_untrained_start_on_held_out_slices():
     image, labels = blobs((6, 64, 64))
     mask = labelled_mask(labels.shape, reviewed=[0, 2, 4, 5])
-    result = _run(iter_finetune(tiny_model(), [LabelledImage(image, labels, mask)],
+    result = run_to_end(iter_finetune(tiny_model(), [LabelledImage(image, labels, mask)],
                                 config=FAST))  # fmt: skip
     assert result.validation_voxels == 64 * 64  # one of the four reviewed slices
     assert result.best_dice > result.baseline_dice
@@ -100,8 +93,8 @@ def test_unlabelled_voxels_do_not_train():
     garbage = labels.copy()
     garbage[3] = 1 - garbage[3]
     cfg = FAST.replace(epochs=1, steps_per_epoch=3)
-    a = _run(iter_finetune(tiny_model(), [LabelledImage(image, labels, mask)], config=cfg))
-    b = _run(iter_finetune(tiny_model(), [LabelledImage(image, garbage, mask)], config=cfg))
+    a = run_to_end(iter_finetune(tiny_model(), [LabelledImage(image, labels, mask)], config=cfg))
+    b = run_to_end(iter_finetune(tiny_model(), [LabelledImage(image, garbage, mask)], config=cfg))
     for (k, va), vb in zip(a.model.network.state_dict().items(),
                            b.model.network.state_dict().values(), strict=True):  # fmt: skip
         assert np.array_equal(va.numpy(), vb.numpy()), k
@@ -109,10 +102,14 @@ def test_unlabelled_voxels_do_not_train():
 
 def test_worse_result_is_not_promoted():
     image, labels = blobs((4, 64, 64))
-    good = _run(iter_finetune(tiny_model(), [LabelledImage(image, labels, None)], config=FAST))
+    good = run_to_end(
+        iter_finetune(tiny_model(), [LabelledImage(image, labels, None)], config=FAST)
+    )
     # now "fine-tune" the good model with a learning rate that wrecks it
     wild = FAST.replace(epochs=1, steps_per_epoch=5, learning_rate=5.0)
-    worse = _run(iter_finetune(good.model, [LabelledImage(image, labels, None)], config=wild))
+    worse = run_to_end(
+        iter_finetune(good.model, [LabelledImage(image, labels, None)], config=wild)
+    )
     assert worse.best_dice < worse.baseline_dice
     assert not worse.promote
 
@@ -120,13 +117,13 @@ def test_worse_result_is_not_promoted():
 def test_bad_training_input_is_reported():
     image, labels = blobs((2, 32, 32))
     with pytest.raises(InputError, match="no labelled voxels"):
-        _run(
+        run_to_end(
             iter_finetune(
                 tiny_model(), [LabelledImage(image, labels, np.zeros_like(labels, bool))]
             )
         )
     with pytest.raises(InputError, match="class 5"):
-        _run(iter_finetune(tiny_model(), [LabelledImage(image, labels * 5, None)]))
+        run_to_end(iter_finetune(tiny_model(), [LabelledImage(image, labels * 5, None)]))
     with pytest.raises(InputError, match="do not match"):
         LabelledImage(image, labels[:, :10])
 
@@ -137,7 +134,7 @@ def test_cancel_mid_epoch_keeps_the_model_file_byte_identical(tmp_path):
     state = ProjectState.start(labels, base_model=str(tmp_path / "start.pt"))
     state.reviewed = {0, 1, 2}
     tiny_model().save(tmp_path / "start.pt")
-    first = _run(iter_finetune(current_model(project, state),
+    first = run_to_end(iter_finetune(current_model(project, state),
                                [LabelledImage(image, labels, None)], config=FAST))  # fmt: skip
     entry = record_round(project, state, first)
     model_file = project.folder / entry["file"]
@@ -159,13 +156,13 @@ def test_versions_promote_switch_and_reload(tmp_path):
     project = Project(tmp_path / "p")
     state = ProjectState.start(labels, base_model=str(tmp_path / "start.pt"))
     state.reviewed = {0, 1, 2, 3}
-    r1 = _run(iter_finetune(current_model(project, state), [training_data(image, state)],
+    r1 = run_to_end(iter_finetune(current_model(project, state), [training_data(image, state)],
                             config=FAST))  # fmt: skip
     v1 = record_round(project, state, r1)
     assert v1["promoted"]
     assert state.current_version == 1
     wild = FAST.replace(epochs=1, steps_per_epoch=5, learning_rate=5.0)
-    r2 = _run(iter_finetune(current_model(project, state), [training_data(image, state)],
+    r2 = run_to_end(iter_finetune(current_model(project, state), [training_data(image, state)],
                             config=wild))  # fmt: skip
     v2 = record_round(project, state, r2)
     assert not v2["promoted"]
@@ -193,7 +190,7 @@ def test_resegment_after_finetune_leaves_corrected_and_reviewed_voxels(tmp_path)
     state.reviewed.add(4)  # reviewed as it was
     protected = state.protected()
     kept = state.labels.copy()
-    result = _run(iter_finetune(start, [training_data(image, state)], config=FAST))
+    result = run_to_end(iter_finetune(start, [training_data(image, state)], config=FAST))
     n = merge_untouched(state, segment(image, result.model).labels)
     assert n > 0
     assert np.array_equal(state.labels[protected], kept[protected])
