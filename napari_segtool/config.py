@@ -9,12 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
+import numpy as np
+
 from napari_segtool.errors import InputError
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Norm = Literal["batch", "instance", "group", "none"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 NORMS: tuple[str, ...] = ("batch", "instance", "group", "none")
+MAX_IN_CHANNELS = 64
+"""Most image channels a model may read."""
+MAX_CLASSES = 256
+"""Most output channels (classes, background included) a model may have."""
+MAX_BASE_FEATURES = 256
+"""Most feature maps at a U-Net's first level."""
 
 
 @dataclass(frozen=True)
@@ -28,11 +36,15 @@ class ModelConfig:
     in_channels : int
         Number of image channels the network reads (1 for grey, 3 for RGB).
     out_channels : int
-        Number of classes, background included (2 for a binary mask).
+        Number of classes, background included (2 for a binary mask), at most
+        ``MAX_CLASSES``; which label value each channel stands for is kept with the model
+        (:attr:`~napari_segtool.model.SegmentationModel.label_values`).
     depth : int
         Number of resolution levels; the input is padded to a multiple of ``2 ** (depth - 1)``.
     base_features : int
-        Feature maps at the first level; doubled at each level down.
+        Feature maps at the first level; doubled at each level down (at most
+        ``MAX_BASE_FEATURES``; the network's total size is bounded too, see
+        :func:`napari_segtool.model.unet.state_size`).
     norm : {"batch", "instance", "group", "none"}
         Normalisation after each convolution. ``"batch"`` (with running statistics at
         inference) makes every tile's prediction independent of its neighbours.
@@ -49,23 +61,33 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("spatial_dims", "in_channels", "out_channels", "depth", "base_features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.spatial_dims not in (2, 3):
             raise InputError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
-        if self.in_channels < 1:
-            raise InputError(f"in_channels must be >= 1, got {self.in_channels}")
-        if self.out_channels < 2:
+        if not 1 <= self.in_channels <= MAX_IN_CHANNELS:
             raise InputError(
-                f"out_channels must be >= 2 (background plus at least one class), "
-                f"got {self.out_channels}"
+                f"in_channels must be between 1 and {MAX_IN_CHANNELS}, got {self.in_channels}"
+            )
+        if not 2 <= self.out_channels <= MAX_CLASSES:
+            raise InputError(
+                f"out_channels must be between 2 (background plus at least one class) and "
+                f"{MAX_CLASSES}, got {self.out_channels}"
             )
         if not 1 <= self.depth <= 7:
             raise InputError(f"depth must be between 1 and 7, got {self.depth}")
-        if self.base_features < 1:
-            raise InputError(f"base_features must be >= 1, got {self.base_features}")
+        if not 1 <= self.base_features <= MAX_BASE_FEATURES:
+            raise InputError(
+                f"base_features must be between 1 and {MAX_BASE_FEATURES}, "
+                f"got {self.base_features}"
+            )
         if self.norm not in NORMS:
             raise InputError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def features(self) -> tuple[int, ...]:

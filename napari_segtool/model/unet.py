@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_segtool.config import ModelConfig
+from napari_segtool.errors import InputError
+
+MAX_STATE_SIZE = 100_000_000
+"""Most values (weights and buffers) a U-Net may hold: 400 MB in float32."""
 
 
 def _conv(spatial_dims: int) -> type[nn.Module]:
@@ -24,6 +28,36 @@ def _norm(config: ModelConfig, channels: int) -> nn.Module:
     if config.norm == "group":
         return nn.GroupNorm(math.gcd(8, channels), channels)
     return nn.Identity()
+
+
+def state_size(config: ModelConfig) -> int:
+    """Number of values in the ``state_dict`` of ``UNet(config)``, computed without building it.
+
+    Counts weights, biases and normalisation buffers (running statistics, batch counters), so a
+    model file can be checked against its stated architecture before anything is allocated:
+    4 bytes per value in float32.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig(spatial_dims=2, depth=3, base_features=4)
+    >>> state_size(cfg) == sum(t.numel() for t in UNet(cfg).state_dict().values())
+    True
+    """
+    k = 3**config.spatial_dims
+    bias = config.norm == "none"
+    per_norm = {"batch": 4, "instance": 2, "group": 2, "none": 0}[config.norm]
+
+    def block(cin: int, cout: int) -> int:
+        convs = cin * cout * k + cout * cout * k + (2 * cout if bias else 0)
+        return convs + 2 * (per_norm * cout + (1 if config.norm == "batch" else 0))
+
+    feats = config.features
+    total = block(config.in_channels, feats[0])
+    for level in range(1, config.depth):
+        total += block(feats[level - 1], feats[level])  # encoder
+        up = feats[level] * feats[level - 1] * 2**config.spatial_dims + feats[level - 1]
+        total += up + block(2 * feats[level - 1], feats[level - 1])  # upsample and decoder
+    return total + feats[0] * config.out_channels + config.out_channels  # head
 
 
 class ConvBlock(nn.Sequential):
@@ -74,6 +108,14 @@ class UNet(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        size = state_size(config)
+        if size > MAX_STATE_SIZE:
+            raise InputError(
+                f"a U-Net with base_features={config.base_features}, depth={config.depth}, "
+                f"spatial_dims={config.spatial_dims} has {size:,} weights "
+                f"({size * 4 / 2**30:.1f} GiB); at most {MAX_STATE_SIZE:,} are allowed: "
+                "lower base_features or depth"
+            )
         self.config = config
         feats = config.features
         deep = max(config.depth - 2, 0)  # dropout only in the two deepest levels

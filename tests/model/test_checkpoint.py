@@ -1,5 +1,7 @@
 import json
 import pickle
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ import torch
 from napari_segtool.config import ModelConfig, NormalizationConfig
 from napari_segtool.errors import CheckpointError
 from napari_segtool.model import SegmentationModel, list_models, load_model
-from napari_segtool.model.checkpoint import FORMAT_VERSION
+from napari_segtool.model.bundled import WEIGHTS_DIR
+from napari_segtool.model.checkpoint import FORMAT_VERSION, weights_digest
 
 
 @pytest.fixture
@@ -115,6 +118,7 @@ def test_weights_that_do_not_fit(tmp_path, model):
     meta = json.loads(payload["metadata"])
     meta["model_config"]["base_features"] = 8
     payload["metadata"] = json.dumps(meta)
+    del payload["metadata_sha256"]  # as if edited by hand, or written before the checksums
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="weights do not fit"):
         SegmentationModel.load(path)
@@ -158,3 +162,96 @@ def test_bundled_and_new_models_load():
 def test_unknown_model_name():
     with pytest.raises(CheckpointError, match="neither a bundled model"):
         load_model("no-such-model")
+
+
+def _overwrite_inside_largest_tensor(path, n_bytes=4096, value=0xFF):
+    """Overwrite ``n_bytes`` in the middle of the largest tensor record, as a bad disk would.
+
+    The zip's CRCs are left stale: torch's reader does not check them.
+    """
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert info.file_size > n_bytes
+    assert info.compress_type == zipfile.ZIP_STORED
+    data = bytearray(path.read_bytes())
+    # local header: 30 bytes + name + extra field, then the stored bytes
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len + (info.file_size - n_bytes) // 2
+    data[start : start + n_bytes] = bytes([value]) * n_bytes
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_tensor_record_is_refused_naming_the_file(tmp_path, model):
+    path = model.save(tmp_path / "m.pt")
+    _overwrite_inside_largest_tensor(path, value=0x00)  # finite zeros: only the hash can tell
+    with pytest.raises(CheckpointError, match=r"m\.pt: damaged: the weights do not match"):
+        SegmentationModel.load(path)
+
+
+def test_nan_bytes_in_an_old_file_without_checksum_are_refused(tmp_path, model):
+    path = model.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload.pop("metadata_sha256") and payload["metadata"])
+    del meta["weights_sha256"], meta["label_values"]  # as written before the checksums
+    payload["metadata"] = json.dumps(meta)
+    torch.save(payload, path)
+    assert SegmentationModel.load(path).label_values == (0, 1, 2)  # old files still load
+    _overwrite_inside_largest_tensor(path)  # 0xFFFFFFFF is a float32 NaN
+    with pytest.raises(CheckpointError, match=r"m\.pt: weights hold NaN or infinite values"):
+        SegmentationModel.load(path)
+
+
+def test_bundled_file_is_checksummed_and_verifies():
+    payload = torch.load(WEIGHTS_DIR / "em_membranes_2d.pt", weights_only=True)
+    meta = json.loads(payload["metadata"])
+    assert meta["weights_sha256"] == weights_digest(payload["state_dict"])
+    assert load_model("em-membranes-2d").label_values == (0, 1)
+
+
+def test_saving_nan_weights_is_refused(tmp_path, model):
+    with torch.no_grad():
+        next(model.network.parameters())[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refusing to save .* NaN or infinite"):
+        model.save(tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_small_file_claiming_a_huge_architecture_is_refused_before_building(
+    tmp_path, model, monkeypatch
+):
+    path = model.save(tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["metadata_sha256"]
+    meta = json.loads(payload["metadata"])
+
+    def no_build(config):
+        raise AssertionError(f"built a network for {config}")
+
+    monkeypatch.setattr("napari_segtool.model.checkpoint.UNet", no_build)
+    for change, message in [
+        ({"base_features": 512, "depth": 6}, "base_features must be between 1 and 256"),
+        ({"base_features": 256, "depth": 6}, r"needs 1,?\d{3},\d{3},\d{3} values, the file holds"),
+        ({"out_channels": 65536}, "out_channels must be between"),
+    ]:
+        meta2 = {**meta, "model_config": {**meta["model_config"], **change}}
+        payload["metadata"] = json.dumps(meta2)
+        torch.save(payload, path)
+        assert path.stat().st_size < 64 * 2**10
+        with pytest.raises(CheckpointError, match=rf"m\.pt: .*{message}"):
+            SegmentationModel.load(path)
+
+
+def test_label_values_round_trip_and_are_checked(tmp_path):
+    cfg = ModelConfig(spatial_dims=2, depth=2, base_features=4, out_channels=3)
+    m = SegmentationModel.new(cfg, tile_shape=(32, 32), label_values=(0, 5, 117))
+    assert m.class_names == ("background", "class 5", "class 117")
+    back = SegmentationModel.load(m.save(tmp_path / "m.pt"))
+    assert back.label_values == (0, 5, 117)
+    with pytest.raises(CheckpointError, match="2 label values for a model with 3"):
+        SegmentationModel.new(cfg, label_values=(0, 5))
+    with pytest.raises(CheckpointError, match="repeat a value"):
+        SegmentationModel.new(cfg, label_values=(0, 5, 5))
+    with pytest.raises(CheckpointError, match="must be integers from 0"):
+        SegmentationModel.new(cfg, label_values=(0, -1, 5))

@@ -4,6 +4,7 @@ import torch
 from napari_segtool.config import ModelConfig
 from napari_segtool.errors import InputError
 from napari_segtool.model import UNet
+from napari_segtool.model.unet import MAX_STATE_SIZE, state_size
 
 CASES = [
     # spatial_dims, depth, norm, in_channels, out_channels, spatial shape
@@ -68,7 +69,13 @@ def test_wrong_input_rank_and_channels_are_explained():
     ("kwargs", "message"),
     [
         ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),
-        ({"out_channels": 1}, "out_channels must be >= 2"),
+        ({"out_channels": 1}, "out_channels must be between 2"),
+        ({"out_channels": 65536}, "out_channels must be between 2 .* and 256, got 65536"),
+        ({"in_channels": 0}, "in_channels must be between 1 and 64"),
+        ({"in_channels": 1000}, "in_channels must be between 1 and 64"),
+        ({"base_features": 512}, "base_features must be between 1 and 256, got 512"),
+        ({"base_features": 1.5}, "base_features must be an integer"),
+        ({"depth": True}, "depth must be an integer"),
         ({"depth": 0}, "depth must be between"),
         ({"norm": "layer"}, "norm must be one of"),
         ({"dropout": 1.0}, "dropout must be in"),
@@ -77,3 +84,21 @@ def test_wrong_input_rank_and_channels_are_explained():
 def test_bad_config_is_rejected(kwargs, message):
     with pytest.raises(InputError, match=message):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize(("depth", "cin", "cout"), [(1, 1, 2), (3, 3, 5), (4, 2, 3)])
+def test_state_size_counts_every_value_of_the_network(dims, norm, depth, cin, cout):
+    cfg = ModelConfig(spatial_dims=dims, norm=norm, depth=depth, in_channels=cin,
+                      out_channels=cout, base_features=4)  # fmt: skip
+    built = sum(t.numel() for t in UNet(cfg).state_dict().values())
+    assert state_size(cfg) == built
+
+
+def test_a_huge_network_is_refused_before_it_is_allocated():
+    # within every single bound, but 1.9 billion values (7.4 GiB) in all
+    cfg = ModelConfig(base_features=256, depth=7)
+    assert state_size(cfg) > 10 * MAX_STATE_SIZE
+    with pytest.raises(InputError, match=r"lower base_features or depth"):
+        UNet(cfg)
