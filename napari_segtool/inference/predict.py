@@ -48,10 +48,12 @@ class Segmentation:
 
     Attributes
     ----------
-    labels : ndarray of uint8 (uint16 beyond 255 classes)
-        Class per voxel, the image's spatial shape.
+    labels : ndarray of uint8 (uint16, uint32 for label values beyond 255, 65535)
+        The label value per voxel, the image's spatial shape: channel ``i``'s winners get
+        ``model.label_values[i]`` (``i`` itself for models with values ``0 .. C-1``).
     probabilities : ndarray of float32 or None
-        ``(n_classes, *spatial)`` class probabilities when asked for.
+        ``(n_classes, *spatial)`` class probabilities when asked for, one per output
+        channel (channel ``i`` is label value ``model.label_values[i]``).
     uncertainty : ndarray of float32 or None
         With test-time augmentation: the predictive entropy of the flip-averaged probabilities
         divided by ``log(n_classes)``, so 0 is certain and 1 is uniform.
@@ -291,7 +293,11 @@ def iter_segment(
             items = items[:, :, np.newaxis]  # one-slice stack
         chunks = [(0, 1)]
     item_spatial = items.shape[2:]
-    label_dtype = np.uint8 if n_classes <= 256 else np.uint16
+    values = model.label_values or tuple(range(n_classes))
+    top = max(values)
+    label_dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
+    # channel index -> the user's label value (None when they are the same)
+    lut = None if values == tuple(range(n_classes)) else np.asarray(values, label_dtype)
     labels = np.empty((items.shape[0], *item_spatial), label_dtype)
     probs = (
         np.empty((n_classes, items.shape[0], *item_spatial), np.float32)
@@ -329,6 +335,8 @@ def iter_segment(
             dis[a:b] = out[:, n_classes]
             out = out[:, :n_classes]
         argmax_channels(out, out=labels[a:b])
+        if lut is not None:
+            labels[a:b] = lut[labels[a:b]]
         if probs is not None:
             probs[:, a:b] = np.moveaxis(out, 1, 0)
         if unc is not None:

@@ -1,4 +1,10 @@
-"""Training patches: foreground-aware sampling and augmentation."""
+"""Training patches: foreground-aware sampling and augmentation; label values to channels.
+
+Label images hold the user's label values (``0`` background, then any ids, e.g. the sparse
+organ ids of TotalSegmentator); a model holds one output channel per value it knows
+(:attr:`~napari_segtool.model.SegmentationModel.label_values`). Labels enter training through
+:func:`labels_to_channels` only, and :func:`label_values_present` gives a new model its list.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,130 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from napari_segtool.config import MAX_CLASSES
 from napari_segtool.errors import InputError
+
+
+def label_values_present(
+    labels: NDArray, *, mask: NDArray[np.bool_] | None = None
+) -> tuple[int, ...]:
+    """The label values a new model needs: background 0 and every value where ``mask`` holds.
+
+    Parameters
+    ----------
+    labels : ndarray of integers
+        The user's label image, any shape.
+    mask : bool ndarray of the same shape, optional
+        Voxels whose labels count (None: all).
+
+    Returns
+    -------
+    tuple of int
+        Sorted, starting with 0; at least two values (``(0, 1)`` when only background is
+        labelled), so the model has a foreground channel.
+
+    Raises
+    ------
+    InputError
+        Negative values, non-integer labels, or more than ``MAX_CLASSES`` distinct values.
+
+    Examples
+    --------
+    >>> label_values_present(np.array([[0, 117], [5, 5]], np.uint16))
+    (0, 5, 117)
+    >>> label_values_present(np.zeros((2, 2), np.uint8))
+    (0, 1)
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "biu":
+        raise InputError(f"labels must be integers, not {labels.dtype}")
+    counted = labels if mask is None else labels[np.asarray(mask, bool)]
+    values = np.unique(counted)
+    if values.size and values[0] < 0:
+        raise InputError(
+            f"labels hold the negative value {int(values[0])}; label values must be >= 0 "
+            "(0 is background)"
+        )
+    found = sorted({0, *(int(v) for v in values)})
+    if len(found) > MAX_CLASSES:
+        raise InputError(
+            f"labels hold {len(found)} distinct values ({found[:4]} ... {found[-1]}); a model "
+            f"has at most {MAX_CLASSES} classes: are these instance ids rather than classes?"
+        )
+    return tuple(found) if len(found) >= 2 else (0, 1)
+
+
+def labels_to_channels(
+    labels: NDArray,
+    label_values: Sequence[int],
+    *,
+    mask: NDArray[np.bool_] | None = None,
+) -> NDArray:
+    """Map label values to the model's channel indices (``label_values[i]`` becomes ``i``).
+
+    Parameters
+    ----------
+    labels : ndarray of integers
+        The user's label image.
+    label_values : sequence of int
+        The model's label value per output channel.
+    mask : bool ndarray of the same shape, optional
+        Voxels whose labels count; elsewhere any value is allowed (and never counts).
+
+    Returns
+    -------
+    ndarray
+        Channel indices, uint8 (or uint16), same shape, 0 outside ``mask``. When the values
+        are already ``0 .. C-1`` the input is returned as it is (no copy).
+
+    Raises
+    ------
+    InputError
+        A counted voxel holds a negative value or one that is not in ``label_values``.
+
+    Examples
+    --------
+    >>> labels_to_channels(np.array([0, 117, 5]), (0, 5, 117)).tolist()
+    [0, 2, 1]
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "biu":
+        raise InputError(f"labels must be integers, not {labels.dtype}")
+    values = np.asarray(label_values, np.int64)
+    counted = None if mask is None else np.asarray(mask, bool)
+    where = labels if counted is None else labels[counted]
+    if where.size and int(where.min()) < 0:
+        raise InputError(
+            f"labels hold the negative value {int(where.min())}; label values must be >= 0 "
+            "(0 is background)"
+        )
+    n = values.size
+    if np.array_equal(values, np.arange(n)):
+        if where.size and int(where.max()) >= n:
+            raise InputError(
+                f"labels hold class {int(where.max())}, which the model does not have (its "
+                f"label values are 0-{n - 1}); start from a model made for these classes or "
+                "a new one"
+            )
+        return labels  # uncounted voxels may hold anything: the loss never sees them
+    order = np.argsort(values)
+    sorted_values = values[order]
+    idx = np.clip(np.searchsorted(sorted_values, labels), 0, n - 1)
+    known = sorted_values[idx] == labels
+    if counted is not None:
+        known |= ~counted
+    if not known.all():
+        unknown = np.unique(labels[~known])
+        raise InputError(
+            f"labels hold class {int(unknown[0])}"
+            f"{f' (and {unknown.size - 1} more unknown values)' if unknown.size > 1 else ''}, "
+            f"which the model does not have (its label values are {values.tolist()[:12]}); "
+            "start from a model made for these classes or a new one"
+        )
+    channels = order[idx].astype(np.uint8 if n <= 256 else np.uint16)
+    if counted is not None:
+        channels[~counted] = 0
+    return channels
 
 
 def augment(
@@ -56,6 +185,7 @@ class PatchSampler:
     ----------
     images : sequence of ndarray, each (C, *S), float32, already normalised
     labels : sequence of ndarray, each (*S), integer classes
+        Channel indices ``0 .. C-1`` (map label values with :func:`labels_to_channels`).
     valid : sequence of bool ndarray or None
         Voxels whose labels count (None: all of them). Patches are only centred on valid voxels.
     patch_shape : tuple of int

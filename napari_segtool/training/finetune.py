@@ -26,7 +26,7 @@ from napari_segtool.inference.normalize import apply_range, check_values, percen
 from napari_segtool.inference.predict import segment
 from napari_segtool.metrics.overlap import overlap_metrics
 from napari_segtool.model.checkpoint import SegmentationModel
-from napari_segtool.training.data import PatchSampler
+from napari_segtool.training.data import PatchSampler, labels_to_channels
 from napari_segtool.training.loop import EpochReport, StepProgress, iter_train
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,23 @@ def labelled_mask(
 
 
 def split_validation(
-    mask: NDArray[np.bool_], *, fraction: float, seed: int = 0, block: int = 128
+    mask: NDArray[np.bool_],
+    *,
+    fraction: float,
+    seed: int = 0,
+    block: int = 128,
+    min_block: int = 16,
 ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """Hold out part of the labelled voxels for validation: ``(train, validation)`` masks.
 
     Units are whole slices of a stack when at least two slices hold labels, otherwise blocks
-    of ``block`` x ``block`` in the (Y, X) plane. About ``fraction`` of the units (at least
-    one, and never all) go to validation, chosen by ``seed``; with a single unit there is no
-    validation (an all-False mask) and everything trains.
+    of ``block`` x ``block`` in the (Y, X) plane. When the labels fit in one block (one
+    101 x 122 slice, a corrected patch), the block is halved until at least two blocks hold
+    labels, down to ``min_block``. About ``fraction`` of the units (at least one, and never
+    all) go to validation, chosen by ``seed``. Labels on a single slice that fit in one
+    ``min_block`` x ``min_block`` block, or fewer than ``2 * min_block ** 2`` labelled
+    voxels there, give no validation (an all-False mask): everything trains, and
+    :func:`iter_finetune` then does not promote the result.
 
     Examples
     --------
@@ -89,13 +98,21 @@ def split_validation(
             for z in rng.choice(slices, n_val, replace=False):
                 val[z] = mask[z]
             return mask & ~val, val
+    if int(np.count_nonzero(mask)) < 2 * min_block * min_block:
+        return mask.copy(), val  # too few labels to hold any out
     h, w = mask.shape[-2:]
-    cells = [
-        (y, x)
-        for y in range(0, h, block)
-        for x in range(0, w, block)
-        if mask[..., y : y + block, x : x + block].any()
-    ]
+    plane = mask.any(axis=0) if mask.ndim == 3 else mask
+    cells: list[tuple[int, int]] = []
+    while True:
+        cells = [
+            (y, x)
+            for y in range(0, h, block)
+            for x in range(0, w, block)
+            if plane[y : y + block, x : x + block].any()
+        ]
+        if len(cells) >= 2 or block // 2 < min_block:
+            break
+        block //= 2
     if len(cells) >= 2:
         n_val = min(len(cells) - 1, max(1, round(fraction * len(cells))))
         for i in rng.choice(len(cells), n_val, replace=False):
@@ -134,8 +151,10 @@ class FinetuneResult:
 
     ``model`` is the trained copy (best validation epoch); ``baseline_dice`` and ``best_dice``
     are the starting and trained model's Dice on the same held-out labelled voxels (None
-    without validation data); ``promote`` is True when the trained model is at least as good
-    (or when there was nothing to validate on); ``cancelled`` when the generator was closed.
+    without validation data); ``promote`` is True when the trained model is at least as good.
+    With nothing to validate on (labels too few to hold any out) ``promote`` is False and
+    ``note`` says so: the previous model stays in use. With ``validation_fraction=0`` the
+    caller chose not to validate, and the result is promoted unchecked (``note`` says that).
     """
 
     model: SegmentationModel
@@ -148,9 +167,12 @@ class FinetuneResult:
     labelled_voxels: int
     validation_voxels: int
     reports: list[EpochReport] = field(default_factory=list)
+    note: str | None = None
 
     def summary(self) -> dict[str, object]:
+        extra = {} if self.note is None else {"note": self.note}
         return {
+            **extra,
             "baseline_dice": self.baseline_dice,
             "best_dice": self.best_dice,
             "promote": self.promote,
@@ -166,7 +188,7 @@ class FinetuneResult:
 class _Prepared:
     raw: NDArray
     normalised: NDArray[np.float32]  # (C, *S)
-    labels: NDArray
+    labels: NDArray  # channel indices (the model's label values mapped to 0 .. C-1)
     train: NDArray[np.bool_]
     val: NDArray[np.bool_]
     value_range: tuple[NDArray, NDArray]
@@ -186,21 +208,15 @@ def _prepare(item: LabelledImage, model: SegmentationModel, cfg: FinetuneConfig)
     if item.labels.ndim not in (2, 3):
         raise InputError(f"labels must be 2D or 3D, got {item.labels.ndim}D")
     check_values(image)
-    n_classes = model.config.out_channels
     mask = np.ones(item.labels.shape, bool) if item.mask is None else item.mask.astype(bool)
-    bad = mask & (item.labels >= n_classes)
-    if bad.any():
-        raise InputError(
-            f"labels hold class {int(item.labels[bad].max())} but the model has only "
-            f"{n_classes} classes (0-{n_classes - 1})"
-        )
+    channels = labels_to_channels(item.labels, model.label_values or (), mask=mask)
     train, val = split_validation(mask, fraction=cfg.validation_fraction, seed=cfg.seed)
     lo, hi = percentile_range(image, model.normalization, channel_axis=-1 if rgb else None)
     chans = np.moveaxis(image, -1, 0) if rgb else image[np.newaxis]
     return _Prepared(
         raw=image,
         normalised=apply_range(chans, lo, hi, channel_axis=0),
-        labels=item.labels,
+        labels=channels,
         train=train,
         val=val,
         value_range=(lo, hi),
@@ -249,7 +265,8 @@ def masked_scores(
         ).labels
         v = item.val[region]
         ref = item.labels[region][v].astype(np.intp)
-        cm += np.bincount(ref * k + pred[v], minlength=k * k).reshape(k, k)
+        got = labels_to_channels(pred[v], model.label_values or ()).astype(np.intp)
+        cm += np.bincount(ref * k + got, minlength=k * k).reshape(k, k)
     if int(cm.sum()) == 0:
         raise InputError("no validation voxels")
     scores = overlap_metrics(confusion=cm)  # same macro Dice as the Review widget shows
@@ -352,7 +369,18 @@ def iter_finetune(
         gen.close()  # restores the best epoch's weights, also when we are cancelled
     scored = [r.val_dice for r in reports if r.val_dice is not None]
     best = max(scored) if scored else None
-    promote = best is None or baseline is None or best >= baseline
+    note = None
+    if n_val == 0 and cfg.validation_fraction > 0:
+        promote = False
+        note = (
+            f"nothing to validate on: the {labelled} labelled voxels are too few to hold any "
+            "out, so the previous model stays in use; label a larger area or more slices"
+        )
+    elif n_val == 0:
+        promote = True
+        note = "validation_fraction is 0: promoted without validation"
+    else:
+        promote = best is not None and baseline is not None and best >= baseline
     stopped = bool(reports) and reports[-1].step < steps
     work.trained_on = {
         **{k: v for k, v in model.trained_on.items() if k != "finetune"},
@@ -375,6 +403,7 @@ def iter_finetune(
         labelled_voxels=labelled,
         validation_voxels=n_val,
         reports=reports,
+        note=note,
     )
     logger.info("fine-tune: %s", result.summary())
     return result

@@ -14,9 +14,10 @@ import torch
 from numpy.typing import NDArray
 
 from napari_segtool.config import InferenceConfig, TrainingConfig
+from napari_segtool.errors import InputError
 from napari_segtool.inference.predict import resolve_device, segment
 from napari_segtool.model.checkpoint import SegmentationModel
-from napari_segtool.training.data import PatchSampler
+from napari_segtool.training.data import PatchSampler, labels_to_channels
 from napari_segtool.training.losses import dice_ce_loss
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,16 @@ def evaluate(
     *,
     inference: InferenceConfig,
 ) -> tuple[float, float]:
-    """Segment each validation image; return (mean foreground Dice, pixel error)."""
+    """Segment each validation image; return (mean foreground Dice, pixel error).
+
+    ``ref`` holds label values (the model's :attr:`label_values`); both masks are mapped to
+    channels before the Dice, so sparse ids score like ``0 .. C-1``.
+    """
     dices, errors, sizes = [], [], []
-    for image, ref in validation:
-        pred = segment(image, model, config=inference).labels
+    values = model.label_values or ()
+    for image, labels in validation:
+        ref = labels_to_channels(labels, values)
+        pred = labels_to_channels(segment(image, model, config=inference).labels, values)
         dices.append(foreground_dice(pred, ref, model.config.out_channels))
         errors.append(float(np.count_nonzero(pred != ref)))
         sizes.append(ref.size)
@@ -104,7 +111,8 @@ def iter_train(
         Starting point; its network is trained in place and, at the end, holds the weights of
         the best validation epoch (the last epoch without validation data).
     sampler : PatchSampler
-        Source of (normalised) training patches.
+        Source of (normalised) training patches; labels are channel indices
+        ``0 .. out_channels - 1`` (see :func:`~napari_segtool.training.data.labels_to_channels`).
     config : TrainingConfig
         Steps, batch, learning rate (AdamW with cosine decay), seed, device, mixed precision.
     validation : sequence of (raw image, labels)
@@ -134,7 +142,15 @@ def iter_train(
     -------
     SegmentationModel
         The same object, its ``history`` extended by this run's reports.
+
+    Raises
+    ------
+    InputError
+        Labels outside ``0 .. out_channels - 1`` (before training), or a loss or weights
+        that become NaN or infinite (the run diverged; the network is put back to the best
+        epoch's weights, or to its starting weights, and nothing is reported as best).
     """
+    _check_classes(sampler, model.config.out_channels)
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
@@ -169,6 +185,8 @@ def iter_train(
 
     best_score = -math.inf
     best_state = None
+    start_state = copy.deepcopy(net.state_dict())
+    diverged = False
     since_best = 0
     epochs = math.ceil(config.steps / config.steps_per_epoch)
     try:
@@ -191,9 +209,24 @@ def iter_train(
                 sched.step()
                 losses.append(float(loss.detach()))
                 step += 1
+                if not math.isfinite(losses[-1]):
+                    diverged = True
+                    raise InputError(
+                        f"training diverged: the loss became {losses[-1]} at step {step} "
+                        f"(epoch {epoch}); lower the learning rate "
+                        f"(now {config.learning_rate:g})"
+                    )
                 if progress_every and step % progress_every == 0:
                     yield StepProgress(step, config.steps, losses[-1])
             net.eval()
+            if not all(bool(torch.isfinite(t).all()) for t in net.state_dict().values()
+                       if t.is_floating_point()):  # fmt: skip
+                diverged = True
+                raise InputError(
+                    f"training diverged: the weights hold NaN or infinite values after "
+                    f"epoch {epoch} (step {step}); lower the learning rate "
+                    f"(now {config.learning_rate:g})"
+                )
             val_dice = val_err = None
             if validator is not None:
                 val_dice, val_err = validator(model)
@@ -224,5 +257,25 @@ def iter_train(
     finally:
         if best_state is not None:
             net.load_state_dict(best_state)
+        elif diverged:
+            net.load_state_dict(start_state)
         net.eval()
     return model
+
+
+def _check_classes(sampler: PatchSampler, n_classes: int) -> None:
+    """Refuse labels that are not channel indices of the model, before any step."""
+    for labels, valid in zip(sampler.labels, sampler.valid, strict=True):
+        counted = labels if valid is None else labels[np.asarray(valid, bool)]
+        if not counted.size:
+            continue
+        lo, hi = int(counted.min()), int(counted.max())
+        if lo < 0:
+            raise InputError(
+                f"labels hold the negative value {lo}; label values must be >= 0 (0 is background)"
+            )
+        if hi >= n_classes:
+            raise InputError(
+                f"labels hold class {hi} but the model has {n_classes} output channels "
+                f"(0-{n_classes - 1}); map label values with labels_to_channels"
+            )

@@ -52,8 +52,15 @@ def test_split_holds_out_whole_slices_or_blocks_deterministically():
     train2, val2 = split_validation(img, fraction=0.25, block=100)
     assert 0.1 < val2.mean() < 0.4
     assert np.array_equal(train2 | val2, img)
+    # labels within one block: smaller blocks; within one 16 x 16 block: no validation
     one = np.zeros((300, 300), bool)
     one[:50, :50] = True
+    train3, val3 = split_validation(one, fraction=0.5, block=100)
+    assert val3.any()
+    assert train3.any()
+    assert np.array_equal(train3 | val3, one)
+    one[:] = False
+    one[:10, :10] = True
     assert not split_validation(one, fraction=0.5, block=100)[1].any()
 
 
