@@ -12,15 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig, ModelConfig
 from napari_segtool.errors import InputError, SegtoolError
+
+if TYPE_CHECKING:
+    from napari_segtool.io.tiff import ImageFile
 
 logger = logging.getLogger("napari_segtool")
 
@@ -54,6 +59,55 @@ def _finite(value: object) -> object:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def _check_output(path: Path | None, *, flag: str = "-o", suffixes: Sequence[str] = ()) -> None:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    Raises
+    ------
+    InputError
+        If ``path`` is a folder, has the wrong suffix, lies under a file, or is in a folder
+        (or would be in a new folder under one) this user may not write to.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a folder; name a file in it, e.g. {path / 'out'}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise InputError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path}: the file exists and is not writable")
+    parent = path.parent if str(path.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
+def _write_json(path: Path, value: object) -> None:
+    """Write a command's JSON result to ``path`` atomically."""
+    from napari_segtool.io import atomic_write
+
+    atomic_write(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def _read_labels_file(path: Path) -> ImageFile:
+    """Read a label image: integers, and only spatial axes (``Z, Y, X``)."""
+    from napari_segtool.io import read_image
+
+    labels = read_image(path)
+    if labels.axes and set(labels.axes) - set("ZYX"):
+        raise InputError(
+            f"{path}: the file declares axes {labels.axes} {labels.data.shape}, but a label "
+            "image has only spatial axes (Z, Y, X); save it as a plain stack, e.g. with "
+            "tifffile.imwrite(path, labels, photometric='minisblack', metadata={'axes': 'ZYX'})"
+        )
+    if labels.data.dtype.kind not in "biu":
+        raise InputError(f"{path}: labels must be integers, not {labels.data.dtype}")
+    return labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     fdef = FinetuneConfig()
     tr = sub.add_parser("train", help="train or fine-tune a model on (partial) labels")
     tr.add_argument("image", type=Path, help="image (TIFF): 2D, RGB or a 3D stack")
-    tr.add_argument("labels", type=Path, help="training labels (TIFF, classes 0..n-1)")
-    tr.add_argument("-o", "--output", type=Path, required=True, help="model file to write")
+    tr.add_argument(
+        "labels",
+        type=Path,
+        help="training labels (TIFF): 0 background, any other values are classes (sparse ids "
+        "such as 5, 117 train as that many classes and come back out as the same ids)",
+    )
+    tr.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="model file to write; an existing one is replaced only by a promoted model, "
+        "otherwise the new model goes to NAME.rejected.pt beside it",
+    )
     tr.add_argument("--init", help="start from this model (bundled name or file); default: new")
     tr.add_argument("--mask", type=Path, help="TIFF: nonzero where the labels count")
     tr.add_argument("--epochs", type=int, default=fdef.epochs)
@@ -268,12 +334,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    from napari_segtool.io import read_image
-
-    labels = read_image(path).data
-    if labels.dtype.kind not in "biu":
-        raise InputError(f"{path}: labels must be integers, not {labels.dtype}")
-    return labels
+    return _read_labels_file(path).data
 
 
 def _finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfig:
@@ -291,18 +352,47 @@ def _finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfi
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import math
+    import os
+
     from napari_segtool.inference import resolve_device
     from napari_segtool.io import read_image
     from napari_segtool.model import SegmentationModel, load_model
+    from napari_segtool.training.data import label_values_present
     from napari_segtool.training.finetune import LabelledImage, iter_finetune
 
+    # options and the output path first: nothing is read or trained for a run that must fail
+    lr = args.learning_rate
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--learning-rate {lr}: give a positive finite number, e.g. 5e-4")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: give a seed >= 0")
+    out = args.output
+    if out.is_dir():
+        raise InputError(f"-o {out}: is a folder; give the model file to write, e.g. {out}/m.pt")
+    if out.exists() and not out.is_file():
+        raise InputError(f"-o {out}: exists and is not a regular file; give another path")
+    parent = out.parent if str(out.parent) else Path()
+    if not parent.is_dir():
+        raise InputError(f"-o {out}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"-o {out}: cannot write into {parent}; pick a writable folder")
+    config = _finetune_config(
+        args,
+        validation_fraction=args.validation_fraction,
+        patience=args.patience,
+        seed=args.seed,
+    )
     resolve_device(args.device)
     image = read_image(args.image)
     labels = _read_labels(args.labels)
     mask = None
     if args.mask is not None:
         mask = read_image(args.mask).data != 0
-    n_classes = max(2, int(labels.max()) + 1)
+        if mask.shape != labels.shape:
+            raise InputError(
+                f"--mask {args.mask}: shape {mask.shape} does not match the labels {labels.shape}"
+            )
     if args.init:
         model = load_model(args.init)
         if args.resume and model.training_state is None:
@@ -311,21 +401,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             raise InputError("--resume needs --init MODEL (the model file of the run to continue)")
         rgb = image.data.ndim == labels.ndim + 1
+        values = label_values_present(labels, mask=mask)  # one channel per value present
         model = SegmentationModel.new(
             ModelConfig(
                 spatial_dims=args.dims,
                 in_channels=image.data.shape[-1] if rgb else 1,
-                out_channels=n_classes,
+                out_channels=len(values),
             ),
             seed=args.seed,
-            name=args.output.stem,
+            name=out.stem,
+            label_values=values,
         )
-    config = _finetune_config(
-        args,
-        validation_fraction=args.validation_fraction,
-        patience=args.patience,
-        seed=args.seed,
-    )
     gen = iter_finetune(
         model,
         [LabelledImage(image.data, labels, mask)],
@@ -346,8 +432,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except StopIteration as stop:
         result = stop.value
     result.model.trained_on["files"] = {"image": str(args.image), "labels": str(args.labels)}
-    result.model.save(args.output)
-    print(json.dumps({"output": str(args.output), **result.summary()}))  # noqa: T201
+    # never replace an existing model with one that did not beat it: write it beside
+    existed = out.exists()
+    target = out
+    if existed and not result.promote:
+        target = out.with_name(f"{out.stem}.rejected{out.suffix or '.pt'}")
+        logger.warning(
+            "the trained model was not promoted (validation Dice %s, the starting model's "
+            "%s): kept %s unchanged and wrote the new model to %s",
+            result.best_dice,
+            result.baseline_dice,
+            out,
+            target,
+        )
+    result.model.save(target)
+    summary = {
+        "output": str(target),
+        "replaced": existed and target == out,
+        "kept": None if target == out else str(out),
+        "classes": result.model.config.out_channels,
+        "label_values": list(result.model.label_values or ()),
+        **result.summary(),
+    }
+    print(json.dumps(summary))  # noqa: T201 - the command's output
     return 0
 
 
