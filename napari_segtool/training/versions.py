@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
 from napari_segtool.io.project import Project, ProjectState
-from napari_segtool.model.bundled import load_model
+from napari_segtool.model.bundled import list_models, load_model
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.finetune import FinetuneResult, LabelledImage, labelled_mask
 
@@ -33,12 +33,26 @@ def training_data(image: NDArray, state: ProjectState) -> LabelledImage:
 
 
 def current_model(project: Project, state: ProjectState) -> SegmentationModel:
-    """The model in use: the current version, or the model the project started from."""
+    """The model in use: the current version, or the model the project started from.
+
+    A bare ``base_model`` name is a bundled model, or else a file of that name in the project
+    folder; paths follow :mod:`napari_segtool.io.project` (inside the folder, or absolute).
+    """
     if state.current_version is None:
         if not state.base_model:
             raise InputError("this project names no starting model")
-        return load_model(state.base_model)
-    return SegmentationModel.load(project.folder / state.version(state.current_version)["file"])
+        path = project.base_model_path(state.base_model)
+        if path is None:  # a bare name: never looked up in the working directory
+            if state.base_model in {e.name for e in list_models()}:
+                return load_model(state.base_model)
+            path = project.file(state.base_model)
+            if not path.is_file():
+                raise InputError(
+                    f"starting model {state.base_model!r} is neither a bundled model nor a "
+                    f"file in {project.folder}; pick a starting model"
+                )
+        return load_model(path)
+    return SegmentationModel.load(project.file(state.version(state.current_version)["file"]))
 
 
 def record_round(
@@ -47,22 +61,49 @@ def record_round(
     result: FinetuneResult,
     *,
     accept_worse: bool = False,
+    save: bool = True,
 ) -> dict[str, Any]:
-    """Save a finished round as a new version, promote it if it is not worse, save the project.
+    """Save a finished round as a new version and promote it if it is not worse.
 
-    The model file is written (atomically) before the project state that names it.
-    Returns the new version's entry.
+    Under the project's lock (:meth:`Project.add_version`) the next free version number is
+    claimed, the model file ``models/vNNNN.pt`` is written (atomically) and the version is
+    recorded in ``state.npz``, so two writers never claim one number and never drop each
+    other's versions. ``state.versions`` and ``state.current_version`` are updated.
+
+    Parameters
+    ----------
+    project : Project
+    state : ProjectState
+        The project state the round trained from.
+    result : FinetuneResult
+    accept_worse : bool, optional
+        Promote the version even when its validation Dice is lower.
+    save : bool, optional
+        True (default): ``state`` is the user's current state; it is saved whole. False:
+        ``state`` is a snapshot from the start of the round; only the new version (and the
+        current version) is merged into the state on disk, so corrections saved since the
+        snapshot (autosave) are kept. A widget training on a snapshot passes ``save=False``
+        and saves its live state afterwards.
+
+    Returns
+    -------
+    dict
+        The new version's entry.
+
+    Raises
+    ------
+    InputError
+        When another writer holds the project for longer than ``project.wait`` seconds.
     """
-    version = project.next_version(state)
-    path = project.model_path(version)
     model = result.model
     base = state.base_model or model.name
-    model.name = f"{base} v{version}"
-    model.save(path)
     promoted = bool(result.promote or accept_worse)
-    entry = {
-        "version": version,
-        "file": path.relative_to(project.folder).as_posix(),
+
+    def write(path, version: int) -> None:
+        model.name = f"{base} v{version}"
+        model.save(path)
+
+    figures = {
         "parent": state.current_version,
         "baseline_dice": result.baseline_dice,
         "val_dice": result.best_dice,
@@ -74,17 +115,14 @@ def record_round(
         "seconds": round(result.seconds, 2),
         "created": _dt.datetime.now(_dt.UTC).isoformat(),
     }
-    state.versions.append(entry)
-    if promoted:
-        state.current_version = version
-    else:
+    entry = project.add_version(state, write, figures, promote=promoted, save=save)
+    if not promoted:
         logger.info(
             "version %d not promoted: validation Dice %s < %s of the model it started from",
-            version,
+            entry["version"],
             result.best_dice,
             result.baseline_dice,
         )
-    project.save(state)
     return entry
 
 
@@ -92,7 +130,7 @@ def switch_version(project: Project, state: ProjectState, version: int | None) -
     """Use ``version`` (None: the starting model) from now on, and save the project."""
     if version is not None:
         entry = state.version(version)
-        if not (project.folder / entry["file"]).exists():
+        if not project.file(entry["file"]).exists():
             raise InputError(f"model file of version {version} is missing: {entry['file']}")
     state.current_version = version
     project.save(state)
