@@ -12,20 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig, ModelConfig
 from napari_segtool.errors import InputError, SegtoolError
-
-if TYPE_CHECKING:
-    from napari_segtool.io.tiff import ImageFile
 
 logger = logging.getLogger("napari_segtool")
 
@@ -59,55 +54,6 @@ def _finite(value: object) -> object:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
-
-
-def _check_output(path: Path | None, *, flag: str = "-o", suffixes: Sequence[str] = ()) -> None:
-    """Refuse an output path that cannot be written, before any work is done.
-
-    Raises
-    ------
-    InputError
-        If ``path`` is a folder, has the wrong suffix, lies under a file, or is in a folder
-        (or would be in a new folder under one) this user may not write to.
-    """
-    if path is None:
-        return
-    if path.is_dir():
-        raise InputError(f"{flag} {path}: is a folder; name a file in it, e.g. {path / 'out'}")
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise InputError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise InputError(f"{flag} {path}: the file exists and is not writable")
-    parent = path.parent if str(path.parent) else Path(".")
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
-
-
-def _write_json(path: Path, value: object) -> None:
-    """Write a command's JSON result to ``path`` atomically."""
-    from napari_segtool.io import atomic_write
-
-    atomic_write(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-def _read_labels_file(path: Path) -> ImageFile:
-    """Read a label image: integers, and only spatial axes (``Z, Y, X``)."""
-    from napari_segtool.io import read_image
-
-    labels = read_image(path)
-    if labels.axes and set(labels.axes) - set("ZYX"):
-        raise InputError(
-            f"{path}: the file declares axes {labels.axes} {labels.data.shape}, but a label "
-            "image has only spatial axes (Z, Y, X); save it as a plain stack, e.g. with "
-            "tifffile.imwrite(path, labels, photometric='minisblack', metadata={'axes': 'ZYX'})"
-        )
-    if labels.data.dtype.kind not in "biu":
-        raise InputError(f"{path}: labels must be integers, not {labels.data.dtype}")
-    return labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +280,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    return _read_labels_file(path).data
+    from napari_segtool.io import read_image
+
+    labels = read_image(path).data
+    if labels.dtype.kind not in "biu":
+        raise InputError(f"{path}: labels must be integers, not {labels.dtype}")
+    return labels
 
 
 def _finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfig:
