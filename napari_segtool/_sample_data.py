@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from napari_segtool.io import read_image
+from napari_segtool.layer_roles import IMAGE, REFERENCE, ROLE_KEY
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 
 LayerData = tuple[Any, dict[str, Any], str]
+REFERENCE_COLORS: dict[int | None, str] = {0: "transparent", None: "cyan"}
 
 
 def _pair(
@@ -17,14 +19,26 @@ def _pair(
 ) -> list[LayerData]:
     image = read_image(SAMPLE_DIR / image_file)
     labels = read_image(SAMPLE_DIR / labels_file)
-    image_kwargs: dict[str, Any] = {"name": name, "scale": image.spacing}
+    image_kwargs: dict[str, Any] = {
+        "name": name,
+        "scale": image.spacing,
+        "metadata": {ROLE_KEY: IMAGE},
+    }
     if contrast is not None:
         image_kwargs["contrast_limits"] = contrast
     return [
         (image.data, image_kwargs, "image"),
         (
             labels.data,
-            {"name": f"{name} reference", "scale": labels.spacing, "opacity": 0.4},
+            {
+                "name": f"{name} reference",
+                "scale": labels.spacing,
+                # one colour of its own (cyan) for every class, so it never looks like the
+                # prediction being corrected, whose label 1 has napari's usual colour
+                "colormap": REFERENCE_COLORS,
+                "opacity": 0.4,
+                "metadata": {ROLE_KEY: REFERENCE},
+            },
             "labels",
         ),
     ]

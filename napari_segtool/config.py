@@ -184,6 +184,11 @@ class InferenceConfig:
         return replace(self, **changes)
 
 
+# The Segment widget's starting values: flip TTA on, because the Queue ranks by the
+# uncertainty layer that only a TTA run makes (the CLI keeps TTA opt-in: it costs 4-8x).
+SEGMENT_WIDGET_DEFAULTS = InferenceConfig(tta=True)
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Optimisation settings shared by the bundled-model script and (later) fine-tuning."""

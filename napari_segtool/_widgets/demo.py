@@ -36,8 +36,9 @@ def correct_like_a_user(
     """
     pred, ref = edited.data, reference.data
     h, w = pred.shape[-2:]
-    y0, x0 = (h - box) // 2, (w - box) // 2
-    region = (z, slice(y0, y0 + box), slice(x0, x0 + box))
+    by, bx = min(box, h), min(box, w)  # a box larger than the slice is the whole slice
+    y0, x0 = (h - by) // 2, (w - bx) // 2
+    region = (z, slice(y0, y0 + by), slice(x0, x0 + bx))
     wrong = pred[region] != ref[region]
     ys, xs = np.nonzero(wrong)
     values = ref[region][wrong]

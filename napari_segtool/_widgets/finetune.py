@@ -8,7 +8,10 @@ re-segmenting writes only the voxels the user has not touched.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,16 +35,24 @@ from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QAbstractItemView, QSizePolicy, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QApplication,
+    QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
+)
 
 from napari_segtool._widgets import _gc
 from napari_segtool._widgets.queue import REVIEWED_KEY
+from napari_segtool._widgets.roles import RoleDefault, apply_all, bump_version, role
 from napari_segtool._widgets.segment import ORIGINAL_KEY, SOURCE_KEY, write_uncertainty_layer
 from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig
 from napari_segtool.errors import InputError, SegtoolError
 from napari_segtool.inference import segment
 from napari_segtool.io.project import Project, ProjectState, default_project_dir, merge_untouched
+from napari_segtool.layer_roles import IMAGE, PREDICTION, REFERENCE, UNCERTAINTY
 from napari_segtool.model import list_models
 from napari_segtool.training import (
     EpochReport,
@@ -176,14 +187,30 @@ class FinetuneWidget(Container):
         self._use.changed.connect(self._use_selected)
         self._reseg.changed.connect(self.resegment)
         self._image.changed.connect(self._suggest_folder)
-        self._labels.changed.connect(self._reopen_if_saved)
+        self._labels.changed.connect(self._on_pick)
         self._suggest_folder()
         self._viewer.bind_key(REVIEW_KEY, self._key_reviewed, overwrite=True)
-        self._timer = QTimer()
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._timer = QTimer(self.native)  # parented: deleted with the widget, never after
         self._timer.setInterval(AUTOSAVE_MS)
         self._timer.timeout.connect(self.autosave)
         self._timer.start()
         self.native.destroyed.connect(self._teardown)
+        # a script or session that ends without closing the widget still saves the last edits
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._final_save)
+        atexit.register(_save_at_exit, weakref.ref(self))
+        labels = napari.layers.Labels
+        self._role_defaults = (
+            RoleDefault(self._image, napari.layers.Image, IMAGE, avoid=(UNCERTAINTY,)),
+            RoleDefault(self._labels, labels, PREDICTION, avoid=(REFERENCE,)),
+        )
+
+    def reset_choices(self, *args: Any) -> None:
+        """Refresh the layer pickers, then point them at the layers of the right role."""
+        super().reset_choices(*args)
+        apply_all(self._viewer, getattr(self, "_role_defaults", ()))
 
     # -- project ------------------------------------------------------------------------------
     def _suggest_folder(self, *_: Any) -> None:
@@ -194,15 +221,21 @@ class FinetuneWidget(Container):
         elif layer is not None:
             self._folder.value = Path.home() / "segtool-projects" / f"{layer.name}.segtool"
 
-    def _reopen_if_saved(self, *_: Any) -> None:
-        """Picking a labels layer whose project is already on disk restores it."""
+    def _on_pick(self, *_: Any) -> None:
+        """Picking a layer only says what Open would do; it never writes into a layer.
+
+        (Restoring on a picker change once wrote a project's corrections into the reference
+        layer when the prediction was closed and the picker moved by itself.)
+        """
+        layer = self._labels.value
+        if layer is None or layer is self._layer:
+            return
         folder = str(self._folder.value)
-        if (
-            self._labels.value is not None
-            and folder not in ("", ".")
-            and (Project(folder).exists())
-        ):
-            self.open_project()
+        attached = f" (the open project stays on '{self._layer.name}')" if self._layer else ""
+        if folder not in ("", ".") and Project(folder).exists():
+            self._status.value = f"saved project found: Open restores it{attached}"
+        elif attached:
+            self._status.value = f"Open starts a project on '{layer.name}'{attached}"
 
     def open_project(self, *_: Any) -> bool:
         """Attach to the chosen labels layer: restore its project or start one."""
@@ -210,6 +243,11 @@ class FinetuneWidget(Container):
         try:
             if layer is None or image is None:
                 raise InputError("pick the image and the corrected labels layer first")
+            if role(layer) == REFERENCE:
+                raise InputError(
+                    f"'{layer.name}' is a reference layer, which Fine-tune never writes into; "
+                    "pick the prediction to correct (a reference can train as 'ground truth')"
+                )
             spatial = image.data.shape[:-1] if image.rgb else image.data.shape
             if tuple(layer.data.shape) != tuple(spatial):
                 raise InputError(
@@ -271,6 +309,20 @@ class FinetuneWidget(Container):
         if self._layer is not None:
             self._layer.events.paint.disconnect(self._on_paint)
         self._layer = None
+
+    def _on_layer_removed(self, event: Any) -> None:
+        """The corrected layer was closed: save what it held and let go of it."""
+        if self._layer is None or event.value is not self._layer:
+            return
+        name = self._layer.name
+        try:
+            self.save_now()
+        except (OSError, SegtoolError) as exc:
+            show_error(f"Fine-tune: could not save the project of '{name}': {exc}")
+        self.cancel()
+        self._detach()
+        self.project = self.state = None
+        self._status.value = f"'{name}' closed; its project is saved"
 
     def _on_paint(self, event: Any) -> None:
         if self.state is not None:
@@ -471,7 +523,13 @@ class FinetuneWidget(Container):
         prediction, uncertainty = out
         self._write_uncertainty(uncertainty)
         changed = merge_untouched(self.state, prediction)  # protects what was painted since
-        self._layer.data = self.state.labels  # set_data: the Review widget recounts
+        # the model's new output is the baseline of the edit effort: effort stays what the
+        # user changed, not what re-segmenting changed
+        machine = self.state.machine.copy()
+        machine.setflags(write=False)
+        self._layer.metadata[ORIGINAL_KEY] = machine
+        bump_version(self._layer)  # rewritten in place: the Review widget must recount
+        self._layer.data = self.state.labels
         self._dirty = True
         self.autosave()
         self._status.value = f"re-segmented: {changed} untouched voxels changed"
@@ -518,15 +576,29 @@ class FinetuneWidget(Container):
         self._canvas.draw_idle()
 
     def _teardown(self, *_: Any) -> None:
+        if self._closed:
+            return
         self._closed = True
-        self._timer.stop()
+        with contextlib.suppress(RuntimeError):  # the Qt side may be gone already
+            self._timer.stop()
         self.cancel()
         for worker in self._side_workers:
             worker.quit()
+        self._final_save()
+
+    def _final_save(self) -> None:
+        """Save on close, on quit and at interpreter exit; never raises."""
         try:
-            self.save_now()
+            if self._dirty:
+                self.save_now()
         except (OSError, SegtoolError) as exc:  # closing must not raise
             logger.error("could not save the project on close: %s", exc)
+
+
+def _save_at_exit(ref: weakref.ref) -> None:
+    widget = ref()
+    if widget is not None:
+        widget._final_save()
 
 
 def _fixed_width(label: Label) -> None:

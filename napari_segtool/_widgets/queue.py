@@ -18,12 +18,35 @@ from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox, cr
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
+from napari_segtool._widgets.roles import RoleDefault, apply_all, role
 from napari_segtool.active_learning import STRATEGIES, Unit, make_units, rank, score_units
 from napari_segtool.errors import InputError, SegtoolError
+from napari_segtool.layer_roles import IMAGE, PREDICTION, REFERENCE, UNCERTAINTY
 
 logger = logging.getLogger(__name__)
 
 REVIEWED_KEY = "segtool_reviewed"  # set of reviewed slices, kept by the Fine-tune widget
+
+
+def check_uncertainty(name: str, data: np.ndarray, *, known: bool = False) -> None:
+    """Refuse a layer that is not an uncertainty map: floating point, values in [0, 1].
+
+    Ranking by a raw image's intensities would look like a queue and mean nothing. ``known``
+    (a layer the plugin made) skips the pass over the values.
+    """
+    if known:
+        return
+    if data.dtype.kind != "f":
+        raise InputError(
+            f"'{name}' holds {data.dtype} values, not an uncertainty map in [0, 1]; pick the "
+            "'... uncertainty' layer that Segment makes with flip TTA"
+        )
+    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+    if not (lo >= 0.0 and hi <= 1.0):
+        raise InputError(
+            f"'{name}' has values from {lo:.4g} to {hi:.4g}, not an uncertainty map in "
+            "[0, 1]; pick the '... uncertainty' layer that Segment makes with flip TTA"
+        )
 
 
 class QueueWidget(Container):
@@ -33,7 +56,10 @@ class QueueWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._labels = create_widget(annotation="napari.layers.Labels", label="prediction")
-        self._uncertainty = create_widget(annotation="napari.layers.Image", label="uncertainty")
+        self._uncertainty = create_widget(
+            annotation="napari.layers.Image", label="uncertainty", options={"nullable": True}
+        )
+        self._uncertainty.value = None  # not the first image: that is usually the raw one
         self._strategy = ComboBox(label="strategy", choices=STRATEGIES, value="uncertainty")
         self._score = ComboBox(label="unit score", choices=("top 5 %", "mean"), value="top 5 %")
         self._score.tooltip = (
@@ -64,7 +90,16 @@ class QueueWidget(Container):
             w.changed.connect(self.refresh)
         self._uncertainty.changed.connect(self._watch)
         self._labels.changed.connect(self.refresh)
+        self._role_defaults = (
+            RoleDefault(self._labels, napari.layers.Labels, PREDICTION, avoid=(REFERENCE,)),
+            RoleDefault(self._uncertainty, napari.layers.Image, UNCERTAINTY, avoid=(IMAGE,)),
+        )
         self._watch()
+
+    def reset_choices(self, *args: Any) -> None:
+        """Refresh the layer pickers, then point them at the layers of the right role."""
+        super().reset_choices(*args)
+        apply_all(self._viewer, getattr(self, "_role_defaults", ()))
 
     def _watch(self, *_: Any) -> None:
         """Re-rank whenever the uncertainty layer gets new data (a new Segment run)."""
@@ -104,6 +139,7 @@ class QueueWidget(Container):
                         f"uncertainty {u_data.shape} and prediction {data.shape} differ in "
                         "shape; pick the layers of one image"
                     )
+                check_uncertainty(unc.name, u_data, known=role(unc) == UNCERTAINTY)
             tile = None if data.ndim == 3 else int(self._tile.value)
             reduce = "top" if str(self._score.value).startswith("top") else "mean"
             units = score_units(make_units(data.shape, tile=tile), u_data, data, reduce=reduce)

@@ -14,16 +14,20 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
+from napari_segtool._widgets.roles import RoleDefault, apply_all, data_version
 from napari_segtool._widgets.segment import ORIGINAL_KEY
 from napari_segtool.errors import SegtoolError
-from napari_segtool.metrics import ConfusionTracker, evaluate, slice_confusion
+from napari_segtool.layer_roles import PREDICTION, REFERENCE
+from napari_segtool.metrics import ConfusionTracker, evaluate
 from napari_segtool.metrics.report import SUMMARY_KEYS
 
 logger = logging.getLogger(__name__)
 
-RECOUNT_IN_WORKER = 32 * 2**20  # voxels above which a full recount leaves the UI thread
+RECOUNT_IN_WORKER = 2**20  # voxels above which a full recount leaves the UI thread (~10 ms)
+PLOT_EVERY_MS = 400  # the Dice plot is redrawn at most this often (an Agg draw is ~20 ms)
 DISTANCE_KEYS = ("hd", "hd95", "assd")
 
 
@@ -72,14 +76,32 @@ class ReviewWidget(Container):
         self.tracker: ConfusionTracker | None = None
         self.effort_tracker: ConfusionTracker | None = None
         self._layers: tuple[napari.layers.Labels, napari.layers.Labels] | None = None
+        self._versions: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._recounting = 0  # generation of the worker recount in flight (0: none)
+        self._missed: list[tuple[Any, str]] = []  # paint events while a worker recounts
         self._history: list[tuple[float, float]] = []
         self._t0 = time.monotonic()
         self._workers: list[Any] = []
+        self._plot_timer = QTimer(self.native)
+        self._plot_timer.setSingleShot(True)
+        self._plot_timer.setInterval(PLOT_EVERY_MS)
+        self._plot_timer.timeout.connect(self._plot)
         self._edited.changed.connect(self.attach)
         self._reference.changed.connect(self.attach)
         self._distances.changed.connect(self.compute_distances)
         self._viewer.dims.events.current_step.connect(self._refresh_slice_column)
+        labels = napari.layers.Labels
+        self._role_defaults = (
+            RoleDefault(self._reference, labels, REFERENCE, avoid=(PREDICTION,)),
+            RoleDefault(self._edited, labels, PREDICTION, avoid=(REFERENCE,)),
+        )
+        self.native.destroyed.connect(self._teardown)
         self.attach()
+
+    def reset_choices(self, *args: Any) -> None:
+        """Refresh the layer pickers, then point them at the layers of the right role."""
+        super().reset_choices(*args)
+        apply_all(self._viewer, getattr(self, "_role_defaults", ()))
 
     # -- wiring ------------------------------------------------------------------------------
     def _detach(self) -> None:
@@ -91,6 +113,9 @@ class ReviewWidget(Container):
         edited.events.set_data.disconnect(self._on_set_data)
         reference.events.set_data.disconnect(self._on_set_data)
         self._layers = None
+        self._versions = None
+        self._recounting = 0
+        self._missed = []
         self.tracker = self.effort_tracker = None
 
     def attach(self, *_: Any) -> None:
@@ -108,14 +133,6 @@ class ReviewWidget(Container):
             self._status.value = "cannot compare"
             show_error(f"Review: {problem}")
             return
-        try:
-            self.tracker = ConfusionTracker(np.asarray(edited.data), np.asarray(reference.data))
-            original = edited.metadata.get(ORIGINAL_KEY)
-            if isinstance(original, np.ndarray) and original.shape == edited.data.shape:
-                self.effort_tracker = ConfusionTracker(edited.data, original)
-        except SegtoolError as exc:
-            show_error(f"Review: {exc}")
-            return
         self._layers = (edited, reference)
         edited.events.paint.connect(self._on_edited_paint)
         reference.events.paint.connect(self._on_reference_paint)
@@ -124,7 +141,76 @@ class ReviewWidget(Container):
         self._history = []
         self._t0 = time.monotonic()
         self._status.value = f"{edited.name} vs {reference.name}"
-        self._build_slice_table()
+        self.recount()
+
+    def _baseline(self, edited: napari.layers.Labels) -> np.ndarray | None:
+        """What the model wrote last (edit effort counts the user's changes from it)."""
+        original = edited.metadata.get(ORIGINAL_KEY)
+        if isinstance(original, np.ndarray) and original.shape == edited.data.shape:
+            return original
+        return None
+
+    def recount(self) -> None:
+        """Count both pairs from scratch: here for small images, in a worker for large ones.
+
+        Paint events that arrive while a worker counts are kept and applied to its counts
+        when they arrive, so no edit is lost or counted twice; an undo meanwhile starts a
+        new count and the older one is dropped.
+        """
+        if self._layers is None:
+            return
+        edited, reference = self._layers
+        self._versions = (data_version(edited), data_version(reference))
+        pred, ref = np.asarray(edited.data), np.asarray(reference.data)
+        baseline = self._baseline(edited)
+        try:
+            if pred.size <= RECOUNT_IN_WORKER:
+                self._adopt(*_count(pred, ref, baseline), replay=False)
+                return
+        except SegtoolError as exc:
+            show_error(f"Review: {exc}")
+            return
+        self._recounting += 1
+        generation = self._recounting
+        self._missed = []
+        self._status.value = "recounting..."
+        copies = (pred.copy(), ref.copy(), None if baseline is None else baseline)
+        worker = create_worker(
+            _count, *copies,
+            _connect={"returned": lambda out: self._recounted(out, generation),
+                      "errored": self._on_error},
+        )  # fmt: skip
+        self._workers.append(worker)
+
+    def _recounted(self, out: tuple[Any, Any], generation: int) -> None:
+        if self._layers is None or generation != self._recounting:
+            return  # detached, or an undo started a newer count
+        self._recounting = 0
+        self._adopt(*out, replay=True)
+        self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
+
+    def _adopt(self, tracker: ConfusionTracker, effort: ConfusionTracker | None, *,
+               replay: bool) -> None:  # fmt: skip
+        """Take counts made on copies, point them at the live arrays, replay missed edits."""
+        assert self._layers is not None
+        edited, reference = self._layers
+        pred, ref = np.asarray(edited.data), np.asarray(reference.data)
+        tracker.adopt(tracker.confusion, pred, ref)
+        baseline = self._baseline(edited)
+        if effort is not None and baseline is not None:
+            effort.adopt(effort.confusion, pred, baseline)
+        else:
+            effort = None
+        if replay:
+            for atoms, which in self._missed:
+                tracker.apply_atoms(atoms, which=which)
+                if effort is not None and which == "pred":
+                    effort.apply_atoms(atoms, which="pred")
+        self._missed = []
+        first = self.tracker is None or self.tracker.n_slices != tracker.n_slices
+        self.tracker, self.effort_tracker = tracker, effort
+        if first:
+            self._build_slice_table()
         self.refresh()
 
     @staticmethod
@@ -139,43 +225,37 @@ class ReviewWidget(Container):
 
     # -- events -----------------------------------------------------------------------------
     def _on_edited_paint(self, event: Any) -> None:
-        assert self.tracker is not None
-        self.tracker.apply_atoms(event.value, which="pred")
-        if self.effort_tracker is not None:
-            self.effort_tracker.apply_atoms(event.value, which="pred")
-        self.refresh(_touched(event.value, self.tracker))
+        self._on_paint(event.value, "pred")
 
     def _on_reference_paint(self, event: Any) -> None:
-        assert self.tracker is not None
-        self.tracker.apply_atoms(event.value, which="ref")
-        self.refresh(_touched(event.value, self.tracker))
+        self._on_paint(event.value, "ref")
 
-    def _on_set_data(self, *_: Any) -> None:
-        """Undo, redo or new data: no paint event, so count everything again."""
+    def _on_paint(self, atoms: Any, which: str) -> None:
         if self._layers is None:
             return
-        edited, reference = self._layers
-        pred, ref = np.asarray(edited.data), np.asarray(reference.data)
-        if pred.size <= RECOUNT_IN_WORKER:
-            self.tracker.recount(pred, ref)  # type: ignore[union-attr]
-            if self.effort_tracker is not None:
-                self.effort_tracker.recount(pred)
-            self.refresh()
-            return
-        snapshot = (pred.copy(), ref.copy())
-        self._status.value = "recounting..."
-        k = max(2, int(max(snapshot[0].max(), snapshot[1].max())) + 1)
-        worker = create_worker(slice_confusion, *snapshot, k,
-                               _connect={"returned": self._recounted,
-                                         "errored": self._on_error})  # fmt: skip
-        self._workers.append(worker)
+        if self._recounting:
+            self._missed.append((atoms, which))
+        if self.tracker is not None:
+            self.tracker.apply_atoms(atoms, which=which)  # type: ignore[arg-type]
+            if self.effort_tracker is not None and which == "pred":
+                self.effort_tracker.apply_atoms(atoms, which="pred")
+        # a paint adds to the undo history: remember that state, so it is not a "change"
+        self._versions = (data_version(self._layers[0]), data_version(self._layers[1]))
+        if self.tracker is not None:
+            self.refresh(_touched(atoms, self.tracker))
 
-    def _recounted(self, confusion: np.ndarray) -> None:
-        if self.tracker is not None and self._layers is not None:
-            edited, reference = self._layers
-            self.tracker.adopt(confusion, np.asarray(edited.data), np.asarray(reference.data))
-            self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
-            self.refresh()
+    def _on_set_data(self, *_: Any) -> None:
+        """Undo, redo or new data: no paint event, so count again; a slice change is not one.
+
+        napari also sends ``set_data`` on every step of the Z slider; the layers' data
+        versions (array identity, undo/redo history) tell the two apart.
+        """
+        if self._layers is None:
+            return
+        versions = (data_version(self._layers[0]), data_version(self._layers[1]))
+        if versions == self._versions:
+            return
+        self.recount()
 
     def _on_error(self, exc: Exception) -> None:
         show_error(f"Review: {exc}")
@@ -203,7 +283,8 @@ class ReviewWidget(Container):
             share = changed / max(self.effort_tracker.pred.size, 1)
             self._effort.value = f"{changed} voxels changed ({100 * share:.2f} %)"
         self._history.append((time.monotonic() - self._t0, float(whole["dice"])))
-        self._plot()
+        if not self._plot_timer.isActive():  # at most one redraw per PLOT_EVERY_MS
+            self._plot_timer.start()
 
     def _refresh_slice_column(self, *_: Any) -> None:
         z = self._current_slice()
@@ -280,11 +361,24 @@ class ReviewWidget(Container):
     def _distances_done(self) -> None:
         self._distances.enabled = True
 
+    def _teardown(self, *_: Any) -> None:
+        self._detach()
+        for worker in self._workers:
+            worker.quit()
+
     # -- for tests and scripting --------------------------------------------------------------
     def value(self, key: str, column: int = 0) -> str:
         """Text shown for metric ``key`` (column 0: whole image, 1: current slice)."""
         item = self.summary.item(SUMMARY_KEYS.index(key), column)
         return item.text() if item is not None else ""
+
+
+def _count(
+    pred: np.ndarray, ref: np.ndarray, baseline: np.ndarray | None
+) -> tuple[ConfusionTracker, ConfusionTracker | None]:
+    """Full counts of the edited layer against the reference and against the model's output."""
+    effort = ConfusionTracker(pred, baseline) if baseline is not None else None
+    return ConfusionTracker(pred, ref), effort
 
 
 def _touched(atoms: Any, tracker: ConfusionTracker) -> set[int] | None:

@@ -28,10 +28,12 @@ from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info
 
 from napari_segtool._widgets import _gc
+from napari_segtool._widgets.roles import RoleDefault, apply_all
 from napari_segtool.active_learning import voxel_uncertainty
-from napari_segtool.config import DEVICES, InferenceConfig
+from napari_segtool.config import DEVICES, SEGMENT_WIDGET_DEFAULTS, InferenceConfig
 from napari_segtool.errors import InputError, SegtoolError
-from napari_segtool.inference import Progress, Segmentation, iter_segment
+from napari_segtool.inference import Progress, iter_segment
+from napari_segtool.layer_roles import IMAGE, PREDICTION, ROLE_KEY, UNCERTAINTY
 from napari_segtool.model import list_models, load_model
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,17 @@ class SegmentJob:
     config: InferenceConfig
 
 
+@dataclass(frozen=True)
+class SegmentOutput:
+    """What the worker hands to the main thread: arrays ready to become layers."""
+
+    labels: np.ndarray
+    original: np.ndarray  # read-only copy of ``labels``: the Review widget's baseline
+    checksum: int
+    uncertainty: np.ndarray | None
+    device: str
+
+
 def write_uncertainty_layer(
     viewer: napari.viewer.Viewer,
     name: str,
@@ -67,15 +80,23 @@ def write_uncertainty_layer(
     scale: tuple[float, ...],
     translate: tuple[float, ...],
 ) -> None:
-    """Update the Image layer ``name`` with ``data``, or add it (magma, 0-1, additive)."""
+    """Update the Image layer ``name`` with ``data``, or add it below every Labels layer.
+
+    The uncertainty (magma, 0-1, additive, 60 % opacity) sits just under the lowest Labels
+    layer, so it tints the image but never covers the labels being corrected.
+    """
     layers = viewer.layers
     if name in layers and isinstance(layers[name], napari.layers.Image):
         layers[name].data = data
         return
-    viewer.add_image(
+    layer = viewer.add_image(
         data, name=name, scale=scale, translate=translate, colormap="magma",
-        contrast_limits=(0.0, 1.0), blending="additive", visible=True,
+        contrast_limits=(0.0, 1.0), blending="additive", opacity=0.6, visible=True,
+        metadata={ROLE_KEY: UNCERTAINTY},
     )  # fmt: skip
+    labels_at = [i for i, lyr in enumerate(layers) if isinstance(lyr, napari.layers.Labels)]
+    if labels_at and labels_at[0] < layers.index(layer):
+        layers.move(layers.index(layer), labels_at[0])
 
 
 def parse_tile_shape(text: str) -> tuple[int, ...] | None:
@@ -94,10 +115,18 @@ def parse_tile_shape(text: str) -> tuple[int, ...] | None:
     return shape
 
 
-def run_job(job: SegmentJob) -> Generator[Progress, None, Segmentation]:
-    """Worker body: load the model and segment, yielding progress (never touches widgets)."""
+def run_job(job: SegmentJob) -> Generator[Progress, None, SegmentOutput]:
+    """Worker body: load the model, segment, and prepare every array the layers need.
+
+    The copies, the checksum and the uncertainty are computed here, not on the UI thread
+    (on a 10-slice stack with flip TTA they held the window for about a second).
+    """
     model = load_model(job.model)
-    return (yield from iter_segment(job.image, model, config=job.config, rgb=job.rgb))
+    result = yield from iter_segment(job.image, model, config=job.config, rgb=job.rgb)
+    original = result.labels.copy()
+    original.setflags(write=False)
+    unc = voxel_uncertainty(result) if result.uncertainty is not None else None
+    return SegmentOutput(result.labels, original, checksum(result.labels), unc, result.device)
 
 
 class SegmentWidget(Container):
@@ -108,7 +137,7 @@ class SegmentWidget(Container):
         self._viewer = napari_viewer
         self._worker: GeneratorWorker | None = None
         self._job: SegmentJob | None = None
-        defaults = InferenceConfig()
+        defaults = SEGMENT_WIDGET_DEFAULTS
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._model = ComboBox(
             label="model",
@@ -137,6 +166,14 @@ class SegmentWidget(Container):
         self._tta.tooltip = "Average over flips; adds an '<image> uncertainty' layer"
         self._tile.tooltip = "Spatial tile, e.g. 256, 256 (2D model) or 32, 128, 128 (3D)"
         self.native.destroyed.connect(self.cancel)
+        self._role_defaults = (
+            RoleDefault(self._image, napari.layers.Image, IMAGE, avoid=(UNCERTAINTY,)),
+        )
+
+    def reset_choices(self, *args: Any) -> None:
+        """Refresh the layer pickers, then point them at the layers of the right role."""
+        super().reset_choices(*args)
+        apply_all(self._viewer, getattr(self, "_role_defaults", ()))
 
     # -- reading the controls ---------------------------------------------------------------
     def _model_spec(self) -> str:
@@ -241,22 +278,25 @@ class SegmentWidget(Container):
         self._worker = None
         self._run.text = "Segment"
 
-    def _on_returned(self, result: Segmentation) -> None:
+    def _on_returned(self, result: SegmentOutput) -> None:
         job = self._job
         assert job is not None
-        name = self._write_labels(f"{job.image_name} prediction", result.labels, job)
-        if result.uncertainty is not None:
-            unc = voxel_uncertainty(result)  # entropy and flip disagreement, for the Queue
-            self._write_image(f"{job.image_name} uncertainty", unc, job)
+        name = self._write_labels(f"{job.image_name} prediction", result, job)
+        if result.uncertainty is not None:  # entropy and flip disagreement, for the Queue
+            self._write_image(f"{job.image_name} uncertainty", result.uncertainty, job)
         self._progress.value = 100
         self._status.value = f"done on {result.device}: {name}"
 
     # -- output layers ------------------------------------------------------------------------
-    def _write_labels(self, name: str, labels: np.ndarray, job: SegmentJob) -> str:
+    def _write_labels(self, name: str, result: SegmentOutput, job: SegmentJob) -> str:
         layers = self._viewer.layers
-        original = labels.copy()
-        original.setflags(write=False)
-        meta = {CHECKSUM_KEY: checksum(labels), SOURCE_KEY: job.model, ORIGINAL_KEY: original}
+        labels = result.labels
+        meta = {
+            CHECKSUM_KEY: result.checksum,
+            SOURCE_KEY: job.model,
+            ORIGINAL_KEY: result.original,
+            ROLE_KEY: PREDICTION,
+        }
         if name in layers:
             old = layers[name]
             unedited = (

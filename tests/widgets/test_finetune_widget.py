@@ -137,17 +137,3 @@ def test_ground_truth_layer_trains_without_corrections(setup, qtbot, errors):
     entry = widget.state.versions[0]
     assert entry["labelled_voxels"] == truth.size
     assert entry["val_dice"] is not None
-
-
-def test_picking_the_layer_again_reopens_its_project(setup):
-    viewer, widget, _ = setup
-    layer = viewer.layers["cells prediction"]
-    assert widget.open_project()
-    layer.paint((0, 10, 10), 2)
-    widget.save_now()
-    saved = layer.data.copy()
-    other = viewer.add_labels(np.zeros_like(saved), name="scratch")
-    widget._labels.value = other  # the saved project does not fit this layer's content...
-    widget._labels.value = layer  # ...but picking the layer again restores its corrections
-    assert widget._layer is layer
-    assert np.array_equal(layer.data, saved)

@@ -85,12 +85,13 @@ def test_rerun_keeps_an_edited_prediction(viewer_and_widget, qtbot):
     run(qtbot, widget)
     first = viewer.layers["im prediction"]
     run(qtbot, widget)  # unedited: updated in place, no new layer
-    assert [la.name for la in viewer.layers] == ["im", "im prediction"]
+    # flip TTA is on by default: the uncertainty sits under the labels, never over them
+    assert [la.name for la in viewer.layers] == ["im", "im uncertainty", "im prediction"]
     first.data_setitem((np.array([5, 6]), np.array([5, 6])), 7)  # the user corrects it
     edited = first.data.copy()
     run(qtbot, widget)
     names = [la.name for la in viewer.layers]
-    assert len(names) == 3
+    assert len(names) == 4
     np.testing.assert_array_equal(viewer.layers["im prediction"].data, edited)
 
 
