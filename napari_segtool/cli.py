@@ -324,6 +324,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_file():
         raise InputError(f"-o {out}: exists and is not a regular file; give another path")
     parent = out.parent if str(out.parent) else Path()
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"-o {out}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise InputError(f"-o {out}: the folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
