@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 AUTOSAVE_MS = 60_000
 REVIEW_KEY = "Shift-R"
 FROM_PREDICTION = "model that made the prediction"
+PROGRAM = "napari-segtool Fine-tune (napari)"  # named when another writer is refused
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ def _train(job: FinetuneJob):
         if not data[0].mask.any():
             data = data[1:]
     result = yield from iter_finetune(model, data, config=job.config)
-    entry = record_round(job.project, job.state, result)
+    # the state is the snapshot from the round's start: record only the version on disk, the
+    # widget then saves its live state (corrections made meanwhile included)
+    entry = record_round(job.project, job.state, result, save=False)
     return result, entry, job.state
 
 
@@ -240,6 +243,7 @@ class FinetuneWidget(Container):
     def open_project(self, *_: Any) -> bool:
         """Attach to the chosen labels layer: restore its project or start one."""
         layer, image = self._labels.value, self._image.value
+        project: Project | None = None
         try:
             if layer is None or image is None:
                 raise InputError("pick the image and the corrected labels layer first")
@@ -257,7 +261,10 @@ class FinetuneWidget(Container):
             folder = Path(str(self._folder.value))
             if not str(self._folder.value) or str(self._folder.value) == ".":
                 raise InputError("choose a project folder")
-            project = Project(folder)
+            same = self.project is not None and _same_folder(self.project.folder, folder)
+            project = self.project if same else Project(folder, program=PROGRAM)
+            assert project is not None
+            project.lock()  # one writer per project: another window or a CLI round is refused
             if project.exists():
                 state = project.load()
                 if state.labels.shape != layer.data.shape:
@@ -280,9 +287,13 @@ class FinetuneWidget(Container):
                 project.save(state)
                 msg = "new project"
         except SegtoolError as exc:
+            if project is not None and project is not self.project:
+                project.unlock()
             show_error(f"Fine-tune: {exc}")
             return False
         self._detach()
+        if self.project is not None and self.project is not project:
+            self.project.unlock()
         self.project, self.state, self._layer = project, state, layer
         layer.events.paint.connect(self._on_paint)
         self._status.value = f"{msg} in {project.folder.name}"
@@ -321,6 +332,8 @@ class FinetuneWidget(Container):
             show_error(f"Fine-tune: could not save the project of '{name}': {exc}")
         self.cancel()
         self._detach()
+        if self.project is not None:
+            self.project.unlock()
         self.project = self.state = None
         self._status.value = f"'{name}' closed; its project is saved"
 
@@ -447,15 +460,23 @@ class FinetuneWidget(Container):
         if self._closed:
             return
         result, entry, saved = out
-        assert self.state is not None
         self._progress.value = 100
+        if self.state is None:  # the layer was closed meanwhile; the version is on disk
+            return
         self.state.versions = saved.versions
         self.state.current_version = saved.current_version
-        self._dirty = True  # the round saved its snapshot; the next save adds later edits
+        self._dirty = True
+        self.autosave()  # the live state (edits made during the round) with the new version
         self._refresh()
         if entry["promoted"]:
             self._status.value = f"version {entry['version']} in use: re-segmenting..."
             self.resegment()
+        elif entry.get("val_dice") is None or entry.get("baseline_dice") is None:
+            show_warning(
+                f"Fine-tune: version {entry['version']} had no held-out corrections to be "
+                "judged on, so the model in use is kept; correct or review more slices, or "
+                "select the version and click 'Use selected version' to switch anyway"
+            )
         else:
             show_warning(
                 f"Fine-tune: version {entry['version']} scored {entry['val_dice']:.3f} on "
@@ -585,6 +606,8 @@ class FinetuneWidget(Container):
         for worker in self._side_workers:
             worker.quit()
         self._final_save()
+        if self.project is not None:
+            self.project.unlock()
 
     def _final_save(self) -> None:
         """Save on close, on quit and at interpreter exit; never raises."""
@@ -593,6 +616,10 @@ class FinetuneWidget(Container):
                 self.save_now()
         except (OSError, SegtoolError) as exc:  # closing must not raise
             logger.error("could not save the project on close: %s", exc)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 def _save_at_exit(ref: weakref.ref) -> None:

@@ -268,3 +268,41 @@ def test_demo_correction_box_is_clipped_to_the_slice(make_napari_viewer):
     changed = correct_like_a_user(edited, reference, 1, box=64)
     assert changed == int((ref[1] != 0).sum())
     np.testing.assert_array_equal(edited.data, ref)
+
+
+# -- item 8: one writer per project -----------------------------------------------------------
+def test_a_second_window_on_the_same_project_is_refused(cells, make_napari_viewer, tmp_path,
+                                                        errors):  # fmt: skip
+    viewer, prediction, _, _ = cells
+    folder = tmp_path / "cells.segtool"
+    _, first = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    first._folder.value = folder
+    assert first.open_project()
+    other = make_napari_viewer()
+    other.add_image(viewer.layers["cells"].data, name="cells")
+    other.add_labels(prediction.data.copy(), name="cells prediction",
+                     metadata={ROLE_KEY: PREDICTION})  # fmt: skip
+    _, second = other.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    second._folder.value = folder
+    assert not second.open_project()
+    assert "held by napari-segtool Fine-tune" in errors[-1]
+    viewer.layers.remove(prediction)  # closing the layer lets the project go
+    assert second.open_project()
+
+
+# -- item 11: a round saves the state as it is when the round ends ----------------------------
+def test_edits_made_during_a_round_survive_its_save(cells, qtbot, tmp_path, errors):
+    viewer, prediction, _, _ = cells
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget._folder.value = tmp_path / "cells.segtool"
+    widget._epochs.value, widget._steps.value, widget._device.value = 1, 3, "cpu"
+    assert widget.open_project()
+    widget.state.reviewed = {0, 1, 2}
+    assert widget.start() is not None
+    prediction.data_setitem((np.array([3]), np.array([40]), np.array([40])), 7)  # meanwhile
+    widget.save_now()  # as the autosave would
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    saved = Project(widget.project.folder).load()
+    assert [v["version"] for v in saved.versions] == [1]
+    assert saved.labels[3, 40, 40] == 7
+    assert saved.painted[3, 40, 40]
