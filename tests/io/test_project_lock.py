@@ -201,6 +201,7 @@ _RECORD_SCRIPT = """
     )
     project = Project(folder, wait=30)
     state = project.load()
+    (Path(folder).parent / f"ready-{os.getpid()}").touch()
     go = Path(folder).parent / "go"
     while not go.exists():
         time.sleep(0.005)
@@ -221,7 +222,11 @@ def test_two_processes_calling_record_round_lose_no_versions(tmp_path):
     rounds = 5
     script = "import os\n" + textwrap.dedent(_RECORD_SCRIPT)
     procs = [_spawn(script, folder, rounds) for _ in range(2)]
-    time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 2:  # both imported torch: start together
+        assert time.monotonic() < deadline
+        assert all(p.poll() is None for p in procs)
+        time.sleep(0.01)
     (tmp_path / "go").touch()
     for proc in procs:
         _finish(proc, 120)
