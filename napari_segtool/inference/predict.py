@@ -21,6 +21,7 @@ from napari_segtool.inference.tiling import (
     run_to_end,
     tile_grid,
 )
+from napari_segtool.io.memory import check_allocation
 from napari_segtool.model.checkpoint import SegmentationModel
 
 logger = logging.getLogger(__name__)
@@ -201,6 +202,50 @@ def _layout(
     return image, (0 if channel_axis is not None else None)
 
 
+SEGMENT_MEMORY_HINT = (
+    "segment a crop or a few slices at a time, leave out the probabilities "
+    "(--probabilities / return_probabilities), or process the volume block by block "
+    "(a chunked zarr store) for larger-than-memory volumes"
+)
+
+
+def segment_memory(
+    spatial: tuple[int, ...],
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    n_classes: int,
+    config: InferenceConfig | None = None,
+    return_probabilities: bool = False,
+) -> int:
+    """Estimated peak bytes :func:`iter_segment` allocates for an image (the image excluded).
+
+    Counts, in float32, the blended class scores and the blend-weight sum of one chunk (a
+    2D model on a stack works on a few slices at a time, see ``CHUNK_VOXELS``), a float32
+    copy of the chunk's image, and for the whole image the labels, the probabilities when
+    asked for and, with test-time augmentation, the uncertainty and disagreement maps.
+
+    Examples
+    --------
+    >>> segment_memory((512, 512), spatial_dims=2, in_channels=1, n_classes=2)
+    4456448
+    """
+    cfg = config or InferenceConfig()
+    volume = math.prod(spatial)
+    if spatial_dims == 2 and len(spatial) == 3:
+        plane = spatial[1] * spatial[2]
+        chunk = max(cfg.batch_size, min(spatial[0], math.ceil(CHUNK_VOXELS / plane)))
+        chunk_voxels, weight_voxels = min(chunk, spatial[0]) * plane, plane
+    else:
+        chunk_voxels = weight_voxels = volume
+    n_out = n_classes + (1 if cfg.tta else 0)
+    label_bytes = 1 if n_classes <= 256 else 2
+    per_chunk = chunk_voxels * 4 * (n_out + in_channels) + weight_voxels * 4
+    whole = volume * (label_bytes + (4 * n_classes if return_probabilities else 0))
+    whole += volume * 8 if cfg.tta else 0
+    return int(per_chunk + whole)
+
+
 def iter_segment(
     image: NDArray,
     model: SegmentationModel,
@@ -271,6 +316,18 @@ def iter_segment(
             f"tile_shape {tile} has {len(tile)} axes but the model is {sd}D; give "
             f"{'(Y, X)' if sd == 2 else '(Z, Y, X)'}"
         )
+    check_allocation(
+        segment_memory(
+            spatial,
+            spatial_dims=sd,
+            in_channels=data.shape[0],
+            n_classes=net_cfg.out_channels,
+            config=cfg,
+            return_probabilities=return_probabilities,
+        ),
+        what=f"segmenting a {' x '.join(map(str, spatial))} image",
+        hint=SEGMENT_MEMORY_HINT,
+    )
     device = resolve_device(cfg.device)
     predictor = make_predictor(
         model, device, amp=cfg.amp, tta=cfg.tta, disagreement=cfg.tta, dropout=cfg.mc_dropout

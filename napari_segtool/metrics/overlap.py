@@ -40,8 +40,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
+from napari_segtool.io.memory import check_allocation
 
 OVERLAP_KEYS = ("dice", "iou", "precision", "recall", "specificity", "voe", "rvd")
+
+
+# Label images whose values span fewer ids than this are mapped to compact indices through a
+# lookup table; wider ranges (TotalSegmentator-style ids, a stray 65535, int64 ids) by search.
+_LUT_RANGE = 1 << 20
 
 
 def check_pair(pred: NDArray, ref: NDArray) -> None:
@@ -53,12 +59,120 @@ def check_pair(pred: NDArray, ref: NDArray) -> None:
             raise InputError(f"{name} must be an integer or boolean label image, not {arr.dtype}")
         if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
             raise InputError(f"{name} has negative labels")
+        if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise InputError(f"{name} has label ids above 2**63 - 1 ({arr.max()})")
+
+
+def _ids_of(arr: NDArray) -> NDArray[np.int64]:
+    """Sorted distinct values of a non-negative label image, cheaply for small ranges."""
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)  # index with the values, not as a mask
+    hi = int(arr.max())
+    if hi < _LUT_RANGE:
+        flat = arr.reshape(-1)
+        seen = np.zeros(hi + 1, bool)
+        for start in range(0, flat.size, 1 << 22):  # chunks: no image-sized intp copy
+            seen[flat[start : start + (1 << 22)]] = True
+        return np.flatnonzero(seen).astype(np.int64)
+    return np.unique(arr).astype(np.int64)
+
+
+def label_ids(*arrays: NDArray) -> NDArray[np.int64]:
+    """Sorted label ids occurring in any of the arrays, background 0 always included.
+
+    Confusion counts are indexed by position in this list, so their size follows the number
+    of classes that occur, not the largest id (one voxel of 65535 costs one row, not 65535).
+
+    Examples
+    --------
+    >>> label_ids(np.array([0, 5, 5]), np.array([117, 5, 0]))
+    array([  0,   5, 117])
+    >>> label_ids(np.array([3]))
+    array([0, 3])
+    """
+    parts = [_ids_of(a) for a in arrays]
+    return np.union1d(np.zeros(1, np.int64), np.concatenate(parts) if parts else [])
+
+
+def label_index(arr: NDArray, ids: NDArray[np.int64]) -> NDArray[np.intp]:
+    """Position of each value of ``arr`` in the sorted ``ids`` (every value must be there).
+
+    >>> label_index(np.array([[0, 117], [5, 5]]), np.array([0, 5, 117]))
+    array([[0, 2],
+           [1, 1]])
+    """
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
+    if ids.size and int(ids[-1]) < _LUT_RANGE:
+        lut = np.zeros(int(ids[-1]) + 1, np.intp)
+        lut[ids] = np.arange(ids.size)
+        return lut[arr]
+    return np.searchsorted(ids, arr).astype(np.intp, copy=False)
+
+
+def compact_confusion(
+    pred: NDArray, ref: NDArray, *, ids: NDArray[np.int64] | None = None
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Confusion counts over the label ids that occur: ``(ids, M)``.
+
+    ``M[i, j]`` is the number of voxels whose reference id is ``ids[i]`` and predicted id
+    ``ids[j]``; ``ids`` (from :func:`label_ids`, 0 first) are the real label ids, so sparse
+    ids such as TotalSegmentator's keep their numbers while the table stays small.
+
+    Parameters
+    ----------
+    pred, ref : ndarray of int or bool
+        Label images of the same shape.
+    ids : ndarray of int64, optional
+        Sorted ids to count over (a superset of the ids that occur); default: those that occur.
+
+    Raises
+    ------
+    InputError
+        If the table would not fit in the available memory (many thousands of distinct ids,
+        as in an instance segmentation: use :func:`~napari_segtool.metrics.instance_metrics`).
+
+    Examples
+    --------
+    >>> ids, cm = compact_confusion(np.array([0, 5, 5, 65535]), np.array([0, 5, 0, 65535]))
+    >>> ids
+    array([    0,     5, 65535])
+    >>> cm
+    array([[1, 1, 0],
+           [0, 1, 0],
+           [0, 0, 1]])
+    """
+    check_pair(pred, ref)
+    if ids is None:
+        ids = label_ids(pred, ref)
+    k = int(ids.size)
+    check_allocation(
+        k * k * 8 * 2,
+        what=f"a confusion table of {k} x {k} label ids",
+        hint=(
+            "the images hold that many distinct ids; for instance labels (one id per object) "
+            "use napari_segtool.metrics.instance_metrics"
+        ),
+    )
+    cm = np.zeros((k, k), np.int64)
+    p_flat, r_flat = pred.reshape(-1), ref.reshape(-1)
+    for start in range(0, p_flat.size, 1 << 22):  # chunks bound the index temporaries
+        r = label_index(r_flat[start : start + (1 << 22)], ids)
+        p = label_index(p_flat[start : start + (1 << 22)], ids)
+        cm += np.bincount(r * k + p, minlength=k * k).reshape(k, k)
+    return ids, cm
 
 
 def confusion_matrix(
     pred: NDArray, ref: NDArray, n_classes: int | None = None
 ) -> NDArray[np.int64]:
     """``M[r, p]`` = number of voxels with reference class ``r`` and predicted class ``p``.
+
+    Indexed by the label value itself (size ``max id + 1``), for classes ``0 .. n-1``; label
+    images with sparse or large ids should use :func:`compact_confusion`, which this refuses
+    to replace when the dense table would not fit in memory.
 
     Examples
     --------
@@ -68,12 +182,16 @@ def confusion_matrix(
            [0, 1, 0],
            [0, 1, 1]])
     """
-    check_pair(pred, ref)
-    p = pred.reshape(-1).astype(np.int64, copy=False)
-    r = ref.reshape(-1).astype(np.int64, copy=False)
-    k = int(max(p.max(initial=0), r.max(initial=0))) + 1
-    k = max(k, n_classes or 0)
-    return np.bincount(r * k + p, minlength=k * k).reshape(k, k)
+    ids, cm = compact_confusion(pred, ref)
+    k = max(int(ids[-1]) + 1, n_classes or 0)
+    check_allocation(
+        k * k * 8,
+        what=f"a confusion table indexed up to label id {k - 1} ({k} x {k})",
+        hint="count over the ids that occur instead: napari_segtool.metrics.compact_confusion",
+    )
+    dense = np.zeros((k, k), np.int64)
+    dense[np.ix_(ids, ids)] = cm
+    return dense
 
 
 def counts_from_confusion(cm: NDArray[np.int64]) -> dict[str, NDArray[np.int64]]:
@@ -130,6 +248,7 @@ def overlap_metrics(
     ref: NDArray | None = None,
     *,
     confusion: NDArray[np.int64] | None = None,
+    ids: Sequence[int] | NDArray[np.int64] | None = None,
     classes: Sequence[int] | None = None,
 ) -> dict[str, object]:
     """All overlap metrics for a label image pair (or a confusion matrix).
@@ -139,35 +258,56 @@ def overlap_metrics(
     pred, ref : ndarray of int or bool
         Label images of the same shape (0 = background).
     confusion : ndarray, optional
-        A confusion matrix from :func:`confusion_matrix` instead of the images.
+        A confusion matrix instead of the images: from :func:`compact_confusion` (pass its
+        ``ids``) or indexed by class id as from :func:`confusion_matrix`.
+    ids : sequence of int, optional
+        The label id of each row and column of ``confusion``; default ``0, 1, ..., k-1``.
+        Row 0 must be the background (id 0).
     classes : sequence of int, optional
-        Foreground classes to report; default: every class > 0 present in either image.
+        Foreground label ids to report; default: every id > 0 present in either image.
 
     Returns
     -------
     dict
         ``pixel_accuracy``, ``mean_pixel_accuracy``, the macro means of
         ``dice, iou, precision, recall, specificity, voe, rvd`` over ``classes``, and
-        ``per_class`` (class id -> the same seven keys).
+        ``per_class`` (label id -> the same seven keys).
+
+    Examples
+    --------
+    >>> m = overlap_metrics(np.array([0, 5, 5, 117]), np.array([0, 5, 0, 117]))
+    >>> sorted(m["per_class"]), round(m["per_class"][5]["dice"], 4)
+    ([5, 117], 0.6667)
     """
-    cm = confusion if confusion is not None else confusion_matrix(pred, ref)  # type: ignore[arg-type]
+    if confusion is None:
+        ids, cm = compact_confusion(pred, ref)  # type: ignore[arg-type]
+    else:
+        cm = confusion
+    id_list = [int(v) for v in ids] if ids is not None else list(range(cm.shape[0]))
+    if len(id_list) != cm.shape[0] or (id_list and id_list[0] != 0):
+        raise InputError(
+            f"ids {id_list[:8]} must name the {cm.shape[0]} rows of the confusion matrix, "
+            "background 0 first"
+        )
+    position = {c: i for i, c in enumerate(id_list)}
     counts = counts_from_confusion(cm)
     total = int(cm.sum())
     ref_sizes = cm.sum(1)
     pred_sizes = cm.sum(0)
     if classes is None:
-        classes = [c for c in range(1, cm.shape[0]) if ref_sizes[c] or pred_sizes[c]]
+        classes = [id_list[i] for i in range(1, cm.shape[0]) if ref_sizes[i] or pred_sizes[i]]
     per_class = {}
     for c in classes:
-        if c < cm.shape[0]:
-            per_class[int(c)] = class_metrics(*(counts[k][c] for k in ("tp", "fp", "fn", "tn")))
+        i = position.get(int(c))
+        if i is not None:
+            per_class[int(c)] = class_metrics(*(counts[k][i] for k in ("tp", "fp", "fn", "tn")))
         else:
             per_class[int(c)] = class_metrics(0, 0, 0, total)
-    present = [c for c in range(cm.shape[0]) if ref_sizes[c]]
+    present = [i for i in range(cm.shape[0]) if ref_sizes[i]]
     result: dict[str, object] = {
         "pixel_accuracy": float(np.trace(cm) / total) if total else 1.0,
         "mean_pixel_accuracy": (
-            float(np.mean([cm[c, c] / ref_sizes[c] for c in present])) if present else 1.0
+            float(np.mean([cm[i, i] / ref_sizes[i] for i in present])) if present else 1.0
         ),
     }
     for key in OVERLAP_KEYS:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_segtool.metrics.overlap import check_pair, confusion_matrix, overlap_metrics
+from napari_segtool.metrics.overlap import check_pair, compact_confusion, overlap_metrics
 from napari_segtool.metrics.surface import surface_metrics
 from napari_segtool.metrics.tracker import slice_confusion
 
@@ -42,13 +42,15 @@ def evaluate(
     -------
     dict
         The keys of :data:`SUMMARY_KEYS` as macro means over the foreground classes present
-        in either image, and ``per_class`` (class id -> the same keys, without the two
-        pixel accuracies). Distances are ``inf`` where exactly one image lacks a class
-        (see :mod:`napari_segtool.metrics.surface`).
+        in either image, and ``per_class`` (label id, as in the images -> the same keys,
+        without the two pixel accuracies). Counts are over the ids that occur, so sparse or
+        large ids (TotalSegmentator's, a stray 65535) cost one row each. Distances are
+        ``inf`` where exactly one image lacks a class (see
+        :mod:`napari_segtool.metrics.surface`).
     """
     check_pair(pred, ref)
-    cm = confusion_matrix(pred, ref)
-    result = overlap_metrics(confusion=cm)
+    ids, cm = compact_confusion(pred, ref)  # over the ids that occur, not up to the largest
+    result = overlap_metrics(confusion=cm, ids=ids)
     per_class: dict[int, dict[str, float]] = result["per_class"]  # type: ignore[assignment]
     if distances:
         for c, entry in per_class.items():
@@ -60,9 +62,9 @@ def evaluate(
         for key in ("hd", "hd95", "assd"):
             result[key] = None
     if per_slice and pred.ndim >= 3:
-        slices = slice_confusion(pred, ref, cm.shape[0])
+        slices = slice_confusion(pred, ref, ids=ids)
         result["per_slice"] = [
-            {k: v for k, v in overlap_metrics(confusion=s).items() if k != "per_class"}
+            {k: v for k, v in overlap_metrics(confusion=s, ids=ids).items() if k != "per_class"}
             for s in slices
         ]
     ordered = {k: result[k] for k in SUMMARY_KEYS}

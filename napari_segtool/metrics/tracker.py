@@ -15,25 +15,58 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
-from napari_segtool.metrics.overlap import check_pair, overlap_metrics
+from napari_segtool.io.memory import check_allocation
+from napari_segtool.metrics.overlap import check_pair, label_ids, label_index, overlap_metrics
 
 Which = Literal["pred", "ref"]
 
 
-def slice_confusion(pred: NDArray, ref: NDArray, n_classes: int) -> NDArray[np.int64]:
-    """Confusion matrices per slice along axis 0: ``C[z, r, p]`` (a 2D pair is one slice)."""
+def slice_confusion(
+    pred: NDArray,
+    ref: NDArray,
+    n_classes: int | None = None,
+    *,
+    ids: NDArray[np.int64] | None = None,
+) -> NDArray[np.int64]:
+    """Confusion matrices per slice along axis 0: ``C[z, r, p]`` (a 2D pair is one slice).
+
+    With ``ids`` (sorted label ids, e.g. from :func:`~napari_segtool.metrics.label_ids`, a
+    superset of those that occur) rows and columns follow ``ids``; otherwise they are the
+    label values ``0 .. n_classes-1``.
+
+    Raises
+    ------
+    InputError
+        If the counts would not fit in the available memory.
+    """
     check_pair(pred, ref)
     p = pred if pred.ndim >= 3 else pred[np.newaxis]
     r = ref if ref.ndim >= 3 else ref[np.newaxis]
     z = p.shape[0]
-    k = n_classes
-    key = r.astype(np.int64) * k + p.astype(np.int64)  # (Z, ...)
-    key += (np.arange(z, dtype=np.int64) * k * k).reshape((z,) + (1,) * (key.ndim - 1))
-    return np.bincount(key.reshape(-1), minlength=z * k * k).reshape(z, k, k)
+    if ids is None:
+        if n_classes is None:
+            raise InputError("slice_confusion needs n_classes or ids")
+        ids = np.arange(n_classes, dtype=np.int64)
+    k = int(ids.size)
+    check_allocation(
+        z * k * k * 8,
+        what=f"per-slice confusion counts of {z} slices x {k} x {k} label ids",
+        hint="count over the ids that occur (ids=label_ids(pred, ref))",
+    )
+    out = np.zeros((z, k, k), np.int64)
+    for s in range(z):  # one slice at a time: index temporaries stay slice-sized
+        key = label_index(r[s], ids) * k + label_index(p[s], ids)
+        out[s] = np.bincount(key.reshape(-1), minlength=k * k).reshape(k, k)
+    return out
 
 
-def _class_count(*arrays: NDArray) -> int:
-    return int(max(int(a.max(initial=0)) for a in arrays)) + 1
+def tracked_ids(pred: NDArray, ref: NDArray) -> NDArray[np.int64]:
+    """The label ids a :class:`ConfusionTracker` counts for a pair: those that occur, 0 and 1.
+
+    >>> tracked_ids(np.array([0, 5]), np.array([117, 0]))
+    array([  0,   1,   5, 117])
+    """
+    return np.union1d(label_ids(pred, ref), [1])
 
 
 class ConfusionTracker:
@@ -45,6 +78,15 @@ class ConfusionTracker:
         The label image being edited and the reference, same shape, ``(Y, X)`` or
         ``(Z, Y, X)``. The tracker keeps references to both arrays (napari paints into the
         layer's array in place) and reads the *other* array at changed voxels.
+
+    Attributes
+    ----------
+    ids : ndarray of int64
+        The label ids counted, sorted, 0 and 1 always included: ``confusion[z, i, j]`` counts
+        the voxels of slice ``z`` with reference id ``ids[i]`` and predicted id ``ids[j]``.
+        Painting a new id adds a row and a column; the table's size follows the number of
+        ids in use, not the largest id.
+    confusion : ndarray of int64, shape (Z, len(ids), len(ids))
 
     Notes
     -----
@@ -62,6 +104,7 @@ class ConfusionTracker:
     # -- state ---------------------------------------------------------------------------------
     @property
     def n_classes(self) -> int:
+        """Number of label ids counted (``len(ids)``)."""
         return int(self.confusion.shape[1])
 
     @property
@@ -75,22 +118,47 @@ class ConfusionTracker:
         if ref is not None:
             self.ref = ref
         check_pair(self.pred, self.ref)
-        k = max(2, _class_count(self.pred, self.ref))
-        self.confusion = slice_confusion(self.pred, self.ref, k)
+        self.ids = tracked_ids(self.pred, self.ref)
+        self.confusion = slice_confusion(self.pred, self.ref, ids=self.ids)
 
-    def adopt(self, confusion: NDArray[np.int64], pred: NDArray, ref: NDArray) -> None:
-        """Take counts computed elsewhere (e.g. by :func:`slice_confusion` in a worker)."""
+    def adopt(
+        self,
+        confusion: NDArray[np.int64],
+        pred: NDArray,
+        ref: NDArray,
+        *,
+        ids: NDArray[np.int64] | None = None,
+    ) -> None:
+        """Take counts computed elsewhere, e.g. in a worker by
+        ``slice_confusion(pred, ref, ids=tracked_ids(pred, ref))`` (pass the same ``ids``;
+        without them the rows are label values ``0 .. k-1``)."""
         check_pair(pred, ref)
         n_slices = pred.shape[0] if pred.ndim >= 3 else 1
         if confusion.ndim != 3 or confusion.shape[0] != n_slices:
             raise InputError(f"counts of shape {confusion.shape} do not fit {pred.shape}")
-        self.pred, self.ref, self.confusion = pred, ref, confusion
+        if ids is None:
+            ids = np.arange(confusion.shape[1], dtype=np.int64)
+        ids = np.asarray(ids, np.int64)
+        if confusion.shape[1:] != (ids.size, ids.size):
+            raise InputError(f"counts of shape {confusion.shape} do not fit {ids.size} label ids")
+        self.pred, self.ref, self.confusion, self.ids = pred, ref, confusion, ids
 
-    def _grow(self, k: int) -> None:
-        if k > self.n_classes:
+    def _index(self, *values: NDArray) -> list[NDArray[np.intp]]:
+        """Positions of label values in :attr:`ids`, adding ids not yet counted."""
+        new = label_ids(*values)
+        missing = np.setdiff1d(new, self.ids)
+        if missing.size:
+            ids = np.union1d(self.ids, missing)
+            where = np.searchsorted(ids, self.ids)
             old = self.confusion
-            self.confusion = np.zeros((old.shape[0], k, k), np.int64)
-            self.confusion[:, : old.shape[1], : old.shape[2]] = old
+            check_allocation(
+                old.shape[0] * ids.size * ids.size * 8,
+                what=f"confusion counts for {ids.size} label ids",
+            )
+            self.confusion = np.zeros((old.shape[0], ids.size, ids.size), np.int64)
+            self.confusion[:, where[:, None], where[None, :]] = old
+            self.ids = ids
+        return [label_index(np.asarray(v), self.ids) for v in values]
 
     # -- updates -------------------------------------------------------------------------------
     def apply_atoms(self, atoms: Iterable[Any], *, which: Which = "pred") -> int:
@@ -179,8 +247,7 @@ class ConfusionTracker:
         self, z: int, other: NDArray, old: NDArray, new: NDArray, which: Which
     ) -> None:
         """One slice's voxels changed from ``old`` to ``new`` (a scalar or one per voxel)."""
-        k_needed = int(max(old.max(), new.max(), other.max())) + 1
-        self._grow(k_needed)
+        other, old, new = self._index(other, old, new)
         k = self.n_classes
         cm = self.confusion[z]
         if k == 2 and new.ndim == 0:  # binary masks, one painted label: four counts suffice
@@ -224,8 +291,7 @@ class ConfusionTracker:
     def _update(
         self, z: NDArray, other: NDArray, old: NDArray, new: NDArray, which: Which
     ) -> None:
-        k_needed = int(max(old.max(), new.max(), other.max())) + 1
-        self._grow(k_needed)
+        other, old, new = self._index(other, old, new)
         k = self.n_classes
         z = z.astype(np.int64, copy=False)
         other = other.astype(np.int64, copy=False)
@@ -256,7 +322,7 @@ class ConfusionTracker:
     def metrics(self, slice_index: int | None = None) -> dict[str, object]:
         """Overlap metrics of the whole image, or of one slice along axis 0."""
         cm = self.totals() if slice_index is None else self.confusion[slice_index]
-        return overlap_metrics(confusion=cm)
+        return overlap_metrics(confusion=cm, ids=self.ids)
 
     def slice_dice(self) -> NDArray[np.float64]:
         """Macro foreground Dice per slice (1.0 where a slice has no foreground at all)."""

@@ -99,3 +99,60 @@ def test_per_slice_matches_each_slice():
         own = overlap_metrics(pred[z], ref[z])
         assert entry["dice"] == pytest.approx(own["dice"])
         assert entry["pixel_accuracy"] == pytest.approx(own["pixel_accuracy"])
+
+
+# -- issue 10 item 5: confusion counts over the classes that occur, not up to the largest id ---
+def test_one_voxel_of_65535_costs_one_row_not_a_32_gib_table(monkeypatch):
+    from napari_segtool.metrics import compact_confusion
+
+    # with 64 MiB "available", a 65536 x 65536 table (32 GiB) would be refused outright
+    monkeypatch.setattr("napari_segtool.io.memory.available_memory", lambda: 64 << 20)
+    ref = np.zeros((3, 20, 20), np.uint16)
+    ref[:, 5:15, 5:15] = 5
+    pred = ref.copy()
+    pred[0, 0, 0] = 65535
+    ids, cm = compact_confusion(pred, ref)
+    np.testing.assert_array_equal(ids, [0, 5, 65535])
+    assert cm.shape == (3, 3)
+    assert cm[0, 2] == 1  # reference background, predicted 65535
+    result = evaluate(pred, ref, per_slice=True)
+    assert set(result["per_class"]) == {5, 65535}
+    assert result["per_class"][5]["dice"] == 1.0
+    assert result["per_class"][65535]["dice"] == 0.0
+    with pytest.raises(InputError, match=r"indexed up to label id 65535 .*compact_confusion"):
+        confusion_matrix(pred, ref)
+
+
+def test_sparse_ids_keep_their_numbers_and_match_a_dense_count():
+    from napari_segtool.metrics import compact_confusion
+
+    rng = np.random.default_rng(3)
+    palette = np.array([0, 1, 5, 52, 117])  # TotalSegmentator-style ids
+    ref = palette[rng.integers(0, 5, (4, 9, 11))].astype(np.uint8)
+    pred = palette[rng.integers(0, 5, (4, 9, 11))].astype(np.uint8)
+    ids, cm = compact_confusion(pred, ref)
+    np.testing.assert_array_equal(ids, palette)
+    dense = confusion_matrix(pred, ref)
+    np.testing.assert_array_equal(cm, dense[np.ix_(palette, palette)])
+    compact = overlap_metrics(confusion=cm, ids=ids)
+    assert compact == overlap_metrics(confusion=dense)
+    assert sorted(compact["per_class"]) == [1, 5, 52, 117]
+
+
+def test_int64_ids_beyond_any_table_and_bool_masks():
+    from napari_segtool.metrics import compact_confusion, label_ids
+
+    big = np.array([0, 2**40, 2**40, 7], np.int64)
+    ids, cm = compact_confusion(big, big)
+    np.testing.assert_array_equal(ids, [0, 7, 2**40])
+    np.testing.assert_array_equal(np.diag(cm), [1, 1, 2])
+    np.testing.assert_array_equal(label_ids(np.array([True, False])), [0, 1])
+    m = overlap_metrics(np.array([True, False, True]), np.array([True, True, False]))
+    assert m["per_class"][1]["dice"] == pytest.approx(0.5)
+    with pytest.raises(InputError, match="above 2\\*\\*63"):
+        compact_confusion(np.array([2**63], np.uint64), np.array([0], np.uint64))
+
+
+def test_ids_must_name_the_rows():
+    with pytest.raises(InputError, match="background 0 first"):
+        overlap_metrics(confusion=np.eye(2, dtype=np.int64), ids=[3, 4])

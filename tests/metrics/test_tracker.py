@@ -31,9 +31,12 @@ def test_index_update_and_new_classes():
     old = pred[idx].copy()
     pred[idx] = 5  # a label the tracker has not seen yet
     assert tr.apply_indices(idx, old, 5, which="pred") == 2
-    assert tr.n_classes == 6
-    np.testing.assert_array_equal(tr.confusion, slice_confusion(pred, ref, 6))
-    assert tr.confusion[1, 1, 5] == 1  # reference 1, predicted 5, slice 1
+    # counts follow the ids in use (0, 1, 5), not the largest id
+    np.testing.assert_array_equal(tr.ids, [0, 1, 5])
+    assert tr.n_classes == 3
+    np.testing.assert_array_equal(tr.confusion, slice_confusion(pred, ref, ids=tr.ids))
+    assert tr.confusion[1, 1, 2] == 1  # reference 1, predicted 5, slice 1
+    assert set(tr.metrics()["per_class"]) == {1, 5}
 
 
 @pytest.mark.parametrize("top", [1, 3])  # binary masks take a fast path; 0-3 the general one
@@ -68,7 +71,7 @@ def test_incremental_equals_full_recount_after_random_edits(shape, top):
             layer.undo()
         else:
             layer.redo()
-        full = slice_confusion(edited.data, reference.data, tracker.n_classes)
+        full = slice_confusion(edited.data, reference.data, ids=tracker.ids)
         assert np.array_equal(tracker.confusion, full), f"step {step}, op {op}"
     assert seen == set(range(6))
     assert tracker.metrics()["dice"] == pytest.approx(
@@ -94,3 +97,24 @@ def test_slice_dice():
     ref[1, :1] = 1
     d = ConfusionTracker(pred, ref).slice_dice()
     np.testing.assert_allclose(d, [2 * 4 / 12, 0.0, 1.0])
+
+
+def test_painting_65535_adds_one_row(monkeypatch):
+    # issue 10 item 5: counts follow the ids in use; 64 MiB "available" would refuse 65536^2
+    monkeypatch.setattr("napari_segtool.io.memory.available_memory", lambda: 64 << 20)
+    pred = np.zeros((3, 6, 6), np.uint16)
+    ref = np.zeros((3, 6, 6), np.uint16)
+    ref[:, :3] = 117
+    tr = ConfusionTracker(pred, ref)
+    np.testing.assert_array_equal(tr.ids, [0, 1, 117])
+    idx = (np.array([2, 2]), np.array([0, 5]), np.array([0, 0]))
+    old = pred[idx].copy()
+    pred[idx] = 65535
+    tr.apply_indices(idx, old, 65535, which="pred")
+    np.testing.assert_array_equal(tr.ids, [0, 1, 117, 65535])
+    np.testing.assert_array_equal(tr.confusion, slice_confusion(pred, ref, ids=tr.ids))
+    per_class = tr.metrics()["per_class"]
+    assert set(per_class) == {117, 65535}
+    assert per_class == overlap_metrics(pred, ref)["per_class"]
+    tr.recount()
+    np.testing.assert_array_equal(tr.ids, [0, 1, 117, 65535])
