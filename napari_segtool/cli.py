@@ -12,15 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_segtool.config import DEVICES, FinetuneConfig, InferenceConfig, ModelConfig
 from napari_segtool.errors import InputError, SegtoolError
+
+if TYPE_CHECKING:
+    from napari_segtool.io.tiff import ImageFile
 
 logger = logging.getLogger("napari_segtool")
 
@@ -54,6 +59,56 @@ def _finite(value: object) -> object:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def _check_output(path: Path | None, *, flag: str = "-o", suffixes: Sequence[str] = ()) -> None:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    Raises
+    ------
+    InputError
+        If ``path`` is a folder, has the wrong suffix, lies under a file, or is in a folder
+        (or would be in a new folder under one) this user may not write to.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a folder; name a file in it, e.g. {path / 'out'}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise InputError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path}: the file exists and is not writable")
+    parent = path.parent if str(path.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
+def _write_json(path: Path, value: object) -> None:
+    """Write a command's JSON result to ``path`` atomically."""
+    from napari_segtool.io import atomic_write
+
+    data = (json.dumps(value, indent=2) + "\n").encode()
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def _read_labels_file(path: Path) -> ImageFile:
+    """Read a label image: integers, and only spatial axes (``Z, Y, X``)."""
+    from napari_segtool.io import read_image
+
+    labels = read_image(path)
+    if labels.axes and set(labels.axes) - set("ZYX"):
+        raise InputError(
+            f"{path}: the file declares axes {labels.axes} {labels.data.shape}, but a label "
+            "image has only spatial axes (Z, Y, X); save it as a plain stack, e.g. with "
+            "tifffile.imwrite(path, labels, photometric='minisblack', metadata={'axes': 'ZYX'})"
+        )
+    if labels.data.dtype.kind not in "biu":
+        raise InputError(f"{path}: labels must be integers, not {labels.data.dtype}")
+    return labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--no-distances", action="store_true", help="skip HD, HD95 and ASSD")
     ev.add_argument("--per-slice", action="store_true", help="add overlap metrics per slice")
+    ev.add_argument("-o", "--output", type=Path, help="also write the metrics to this .json file")
 
     fdef = FinetuneConfig()
     tr = sub.add_parser("train", help="train or fine-tune a model on (partial) labels")
@@ -165,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--learning-rate", type=float, help="default: 5e-4 with --init, else 2e-3")
     sim.add_argument("--device", choices=DEVICES, default=fdef.device)
     sim.add_argument("--json", action="store_true", help="print the curves as one JSON object")
+    sim.add_argument("-o", "--output", type=Path, help="also write the curves to this .json file")
     sub.add_parser("models", help="list the bundled models").add_argument(
         "--json", action="store_true", help="print JSON"
     )
@@ -192,9 +249,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     if args.uncertainty and not args.tta:
         raise InputError("--uncertainty needs --tta (the uncertainty comes from the flips)")
+    for flag, path in (("-o", args.output), ("--uncertainty", args.uncertainty),
+                       ("--probabilities", args.probabilities)):  # fmt: skip
+        _check_output(path, flag=flag, suffixes=(".tif", ".tiff"))
     resolve_device(args.device)  # fail before any work if the device is not there
     image = read_image(args.image)
     model = load_model(args.model)
+    # the axes the file declares decide colour and channels, as for every command
+    rgb = True if args.rgb else (image.rgb if args.channel_axis is None else None)
+    channel_axis = args.channel_axis if args.channel_axis is not None else image.channel_axis
     config = InferenceConfig(
         tile_shape=args.tile_shape,
         overlap=args.overlap,
@@ -217,8 +280,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         image.data,
         model,
         config=config,
-        channel_axis=args.channel_axis,
-        rgb=True if args.rgb else None,
+        channel_axis=None if rgb else channel_axis,
+        rgb=rgb,
         return_probabilities=args.probabilities is not None,
         progress=progress,
     )
@@ -227,13 +290,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if args.uncertainty is not None and result.uncertainty is not None:
         write_image(args.uncertainty, result.uncertainty, spacing=spacing, unit=image.unit)
     if args.probabilities is not None and result.probabilities is not None:
-        write_image(args.probabilities, result.probabilities)
+        probs = result.probabilities  # (C, *spatial): a channel axis, then the image's spacing
+        axes = "C" + "ZYX"[-(probs.ndim - 1) :]
+        write_image(args.probabilities, probs, spacing=spacing, unit=image.unit, axes=axes)
+    values = model.label_values or tuple(range(len(model.class_names)))
     summary = {
         "output": str(args.output),
         "shape": list(result.labels.shape),
         "dtype": str(result.labels.dtype),
         "classes": {
-            name: int((result.labels == i).sum()) for i, name in enumerate(model.class_names)
+            name: int(np.count_nonzero(result.labels == v))
+            for v, name in zip(values, model.class_names, strict=False)
         },
         "device": result.device,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -243,11 +310,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from napari_segtool.io import read_image
     from napari_segtool.metrics import evaluate
 
-    pred = read_image(args.pred)
-    ref = read_image(args.ref)
+    _check_output(args.output, suffixes=(".json",))
+    pred = _read_labels_file(args.pred)
+    ref = _read_labels_file(args.ref)
     spacing = args.spacing or ref.spacing
     if len(spacing) == 1:
         spacing = spacing * ref.data.ndim
@@ -262,6 +329,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         distances=not args.no_distances,
         per_slice=args.per_slice,
     )
+    if args.output is not None:
+        _write_json(args.output, _finite(result))
     if args.json:
         print(json.dumps(_finite(result)))  # noqa: T201
         return 0
@@ -280,12 +349,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    from napari_segtool.io import read_image
-
-    labels = read_image(path).data
-    if labels.dtype.kind not in "biu":
-        raise InputError(f"{path}: labels must be integers, not {labels.dtype}")
-    return labels
+    return _read_labels_file(path).data
 
 
 def _finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfig:
@@ -417,6 +481,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from napari_segtool.io import read_image
     from napari_segtool.model import SegmentationModel, load_model
 
+    _check_output(args.output, suffixes=(".json",))
     resolve_device(args.device)
     image = read_image(args.image).data
     labels = _read_labels(args.labels)
@@ -460,6 +525,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             mean.append([n, float(np.mean([r["curve"][i][1] for r in runs]))])
     out = {"strategy": args.strategy, "units": "slices" if labels.ndim == 3 else "tiles",
            "seeds": runs, "mean": mean}  # fmt: skip
+    if args.output is not None:
+        _write_json(args.output, _finite(out))
     if args.json:
         print(json.dumps(out))  # noqa: T201
     return 0
@@ -498,7 +565,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _display_missing() -> bool:
+    """True on Linux without an X or Wayland display (and no offscreen Qt platform)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    if os.environ.get("QT_QPA_PLATFORM", "").startswith(("offscreen", "minimal")):
+        return False
+    return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if _display_missing():
+        raise InputError(
+            "no display to open the napari window on (DISPLAY and WAYLAND_DISPLAY are unset); "
+            "run it under a virtual display instead: xvfb-run -a napari-segtool demo"
+            + (" ..." if len(sys.argv) > 2 else "")
+        )
+    _check_output(args.screenshot, flag="--screenshot")
     # the demo is a napari window, so it lives with the widgets
     from napari_segtool._widgets.demo import run_demo
 
@@ -520,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # tifffile logs about every damaged tag: the one-line error suffices
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     commands = {
         "segment": _cmd_segment,
         "evaluate": _cmd_evaluate,
@@ -533,6 +618,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SegtoolError as exc:
         print(f"napari-segtool {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    except OSError as exc:  # a path given on the command line: missing, unreadable, disk full
+        name = f"{exc.filename}: " if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        print(f"napari-segtool {args.command}: error: {name}{reason}", file=sys.stderr)  # noqa: T201
+        return 2
+    except MemoryError:
+        print(  # noqa: T201
+            f"napari-segtool {args.command}: error: out of memory; use a smaller image, crop or "
+            "tile it, or a smaller --tile-shape / --batch-size",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -185,3 +185,205 @@ def test_train_errors_are_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1
+
+
+# -- issue 10 item 9: hostile files and paths give one line and exit 2, never a traceback --------
+def _one_line_error(capsys, *args):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def _hostile_model(path, **meta_changes):
+    import hashlib
+
+    import torch
+
+    from napari_segtool.config import ModelConfig
+    from napari_segtool.model import SegmentationModel
+
+    SegmentationModel.new(ModelConfig(base_features=4, depth=2), seed=0).save(path)
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["metadata"])
+    meta.update(meta_changes)
+    payload["metadata"] = json.dumps(meta)
+    payload["metadata_sha256"] = hashlib.sha256(payload["metadata"].encode()).hexdigest()
+    torch.save(payload, path)
+    return path
+
+
+def _image_of(tmp_path, data):
+    return write_image(tmp_path / "img.tif", data)
+
+
+def _six_bytes(tmp_path):
+    path = tmp_path / "img.tif"
+    path.write_bytes(b"II*\x00\x08\x00")
+    return path
+
+
+def _hostile_files():
+    from tests.io.test_tiff import huge_header_tiff, truncated_zlib_tiff
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (32, 40))
+    outliers = (noise * 1.0).astype(np.float64)
+    outliers[0, 0] = 1e300  # one voxel far beyond the percentile range
+    near_2_64 = np.uint64(2**64 - 1000)
+    return {
+        "six-bytes": (_six_bytes, "not a readable TIFF image (struct.error"),
+        "truncated-zlib": (lambda d: truncated_zlib_tiff(d / "img.tif"),
+                           "not a readable TIFF image (zlib.error"),
+        "huge-header": (lambda d: huge_header_tiff(d / "img.tif", shape=(400_000, 400_000)),
+                        "400000 x 400000 float64 image (YX) needs 1.2 TiB"),
+        "uint64-near-2**64": (lambda d: _image_of(d, noise.astype(np.uint64) + near_2_64),
+                              "differ by too little"),
+        "int64-near--2**62": (lambda d: _image_of(d, (-(2**62) + noise).astype(np.int64)),
+                              "differ by too little"),
+        "float64-1e300": (lambda d: _image_of(d, outliers), "overflow float32"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_hostile_files()))
+def test_hostile_images_are_one_line(tmp_path, capsys, case):
+    make, message = _hostile_files()[case]
+    src = make(tmp_path)
+    out = tmp_path / "labels.tif"
+    err = _one_line_error(capsys, "segment", src, "-o", out, "--model", "new-2d")
+    assert message in err
+    assert not out.exists()
+
+
+def test_hostile_label_files_are_one_line_in_evaluate(tmp_path, capsys):
+    from tests.io.test_tiff import truncated_zlib_tiff
+
+    good = write_image(tmp_path / "good.tif", np.zeros((8, 8), np.uint8))
+    bad = truncated_zlib_tiff(tmp_path / "bad.tif")
+    assert "zlib.error" in _one_line_error(capsys, "evaluate", bad, good)
+    (tmp_path / "six.tif").write_bytes(b"II*\x00\x08\x00")
+    assert "struct.error" in _one_line_error(capsys, "evaluate", good, tmp_path / "six.tif")
+
+
+def test_model_with_negative_tile_shape_is_one_line(tmp_path, capsys):
+    model = _hostile_model(tmp_path / "m.pt", tile_shape=[-5, 0])
+    src = _image_of(tmp_path, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    err = _one_line_error(capsys, "segment", src, "-o", tmp_path / "o.tif", "--model", model)
+    assert "m.pt" in err
+    assert "tile_shape" in err
+
+
+@pytest.mark.parametrize("command", ["segment", "evaluate", "simulate"])
+@pytest.mark.parametrize("where", ["folder", "under-a-file", "wrong-suffix"])
+def test_bad_output_path_is_refused_before_computing(tmp_path, capsys, command, where):
+    img = write_image(tmp_path / "img.tif", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    lab = write_image(tmp_path / "lab.tif", (np.arange(64) % 2).astype(np.uint8).reshape(8, 8))
+    (tmp_path / "plain").write_text("a file")
+    suffix = ".tif" if command == "segment" else ".json"
+    out = {
+        "folder": tmp_path,
+        "under-a-file": tmp_path / "plain" / f"out{suffix}",
+        "wrong-suffix": tmp_path / "out.txt",
+    }[where]
+    args = {
+        "segment": ["segment", img, "--model", "new-2d"],
+        "evaluate": ["evaluate", lab, lab],
+        "simulate": ["simulate", img, lab, "--rounds", "1", "--epochs", "1"],
+    }[command]
+    err = _one_line_error(capsys, *args, "-o", out)
+    assert f"-o {out}" in err
+    assert {"folder": "is a folder", "under-a-file": "is a file, not a folder",
+            "wrong-suffix": "must end in"}[where] in err  # fmt: skip
+
+
+def test_unwritable_output_folder_is_refused(tmp_path, capsys, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # root may write anywhere, so make this folder unwritable as far as the check can tell
+    monkeypatch.setattr(os, "access", lambda p, m: False if p == locked else real_access(p, m))
+    img = write_image(tmp_path / "img.tif", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    err = _one_line_error(capsys, "segment", img, "-o", locked / "o.tif", "--model", "new-2d")
+    assert "permission denied" in err
+
+
+def test_evaluate_and_simulate_write_json_output(tmp_path, capsys):
+    lab = write_image(tmp_path / "lab.tif", (np.arange(64) % 3).astype(np.uint8).reshape(8, 8))
+    out = tmp_path / "new" / "m.json"
+    assert main(["evaluate", str(lab), str(lab), "--no-distances", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["per_class"]["2"]["dice"] == 1.0
+
+
+# -- issue 10 item 10: one reading rule for every command ----------------------------------------
+def test_three_slice_stack_is_a_stack_for_evaluate_and_segment(tmp_path, capsys):
+    import tifffile
+
+    ref = np.zeros((3, 32, 32), np.uint8)
+    ref[:, 8:20, 8:20] = 1
+    path = tmp_path / "three.tif"
+    with pytest.warns(DeprecationWarning, match="separate component planes"):
+        tifffile.imwrite(path, ref)  # tifffile stores this as planar RGB by default
+    assert main(["evaluate", str(path), str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dice"] == 1.0
+    assert result["hd"] == 0.0
+    out = tmp_path / "seg.tif"
+    assert main(["segment", str(path), "-o", str(out), "--model", "new-2d"]) == 0
+    assert read_image(out).data.shape == (3, 32, 32)
+
+
+def test_labels_with_a_channel_axis_are_refused(tmp_path, capsys):
+    import tifffile
+
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, np.zeros((2, 8, 8), np.uint8), photometric="minisblack",
+                     metadata={"axes": "CYX"})  # fmt: skip
+    assert "declares axes CYX" in _one_line_error(capsys, "evaluate", path, path)
+
+
+# -- issue 10 item 5: confusion counts over the ids that occur ------------------------------------
+def test_evaluate_one_voxel_of_65535_stays_small(tmp_path, capsys):
+    ref = np.zeros((4, 16, 16), np.uint16)
+    ref[1:3, 4:12, 4:12] = 117
+    pred = ref.copy()
+    pred[0, 0, 0] = 65535
+    a = write_image(tmp_path / "p.tif", pred)
+    b = write_image(tmp_path / "r.tif", ref)
+    assert main(["evaluate", str(a), str(b), "--json", "--per-slice"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["per_class"]) == {"117", "65535"}
+    assert result["per_class"]["117"]["dice"] == 1.0
+    assert result["per_class"]["65535"]["dice"] == 0.0
+    assert len(result["per_slice"]) == 4
+
+
+# -- issue 10 item 12 -----------------------------------------------------------------------------
+def test_models_description_matches_the_training_split(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "trained on slices 0-17" in out
+    assert "held out 20-29" in out
+    assert "0-19" not in out
+
+
+def test_segment_probabilities_keep_the_spacing(tmp_path):
+    data = np.arange(2 * 24 * 24, dtype=np.uint16).reshape(2, 24, 24)
+    src = write_image(tmp_path / "s.tif", data, spacing=(40.0, 4.0, 4.0), unit="nm")
+    probs = tmp_path / "p.tif"
+    assert main(["segment", str(src), "-o", str(tmp_path / "l.tif"), "--model", "new-2d",
+                 "--probabilities", str(probs)]) == 0  # fmt: skip
+    back = read_image(probs)
+    assert back.data.shape == (2, 2, 24, 24)
+    assert (back.axes, back.spacing, back.unit) == ("CZYX", (40.0, 4.0, 4.0), "nm")
+
+
+def test_demo_without_a_display_says_xvfb_run(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "platform", "linux")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    err = _one_line_error(capsys, "demo")
+    assert "xvfb-run -a napari-segtool demo" in err

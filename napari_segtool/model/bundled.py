@@ -26,7 +26,8 @@ class ModelEntry:
 BUNDLED: tuple[ModelEntry, ...] = (
     ModelEntry(
         "em-membranes-2d",
-        "2D U-Net for cell membranes in serial-section EM (trained on ISBI 2012 slices 0-19)",
+        "2D U-Net for cell membranes in serial-section EM (ISBI 2012: trained on slices 0-17, "
+        "selected on 18-19, held out 20-29)",
         WEIGHTS_DIR / "em_membranes_2d.pt",
     ),
     ModelEntry(
