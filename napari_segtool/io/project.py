@@ -214,8 +214,12 @@ def _inside(folder: Path, relative: str) -> bool:
     """Whether ``folder / relative`` stays inside ``folder`` once symlinks are resolved."""
     if not relative or Path(relative).is_absolute() or "\\" in relative:
         return False
-    root = folder.resolve()
-    return (root / relative).resolve().is_relative_to(root)
+    try:
+        root = folder.resolve()
+        resolved = (root / relative).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+    return resolved != root and resolved.is_relative_to(root)
 
 
 def base_model_problem(value: object, folder: str | os.PathLike[str]) -> str | None:
@@ -390,7 +394,7 @@ def _describe(holder: dict[str, Any] | None) -> str:
         return "another process (it left no note of who it is)"
     since = ""
     with contextlib.suppress(ValueError, TypeError):
-        when = _dt.datetime.fromisoformat(holder["since"]).astimezone()
+        when = _dt.datetime.fromisoformat(holder.get("since")).astimezone()
         fmt = (
             "%H:%M" if when.date() == _dt.datetime.now().astimezone().date() else "%Y-%m-%d %H:%M"
         )
@@ -604,12 +608,7 @@ class Project:
         if problem:
             raise InputError(f"base_model: {problem}")
         if base_model == "" or _NAME.fullmatch(base_model):
-            local = self.folder / base_model
-            return (
-                local
-                if base_model and local.is_file() and _inside(self.folder, base_model)
-                else None
-            )
+            return None
         if Path(base_model).is_absolute():
             return Path(base_model)
         return self.folder / base_model
@@ -625,7 +624,9 @@ class Project:
                 ...
 
         Calling it again while held does nothing; :meth:`unlock` (or leaving the ``with``)
-        lets it go. Saves and new versions from any thread of this object share the hold.
+        lets it go, and so does dropping the last reference to this :class:`Project` (keep it,
+        e.g. as the widget's attribute, while the project is open). Saves and new versions
+        from any thread of this object share the hold.
 
         Raises
         ------

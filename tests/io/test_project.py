@@ -166,6 +166,7 @@ def _load_error(project: Project) -> str:
         ("models/../../outside.pt", "'versions'[0]"),
         ("/etc/passwd", "'versions'[0]"),
         ("", "'versions'[0]"),
+        (".", "'versions'[0]"),
     ],
 )
 def test_version_files_outside_the_project_are_refused(tmp_path, file, field):
@@ -433,3 +434,33 @@ def test_a_save_from_an_old_copy_keeps_versions_recorded_since(tmp_path):
     project.save(old)  # e.g. an autosave of a snapshot taken before the round finished
     assert [v["version"] for v in project.load().versions] == [1, 2]
     assert [v["version"] for v in old.versions] == [1, 2]
+
+
+def test_a_bare_base_model_name_is_bundled_or_a_file_in_the_project_never_the_cwd(
+    tmp_path, monkeypatch
+):
+    from napari_segtool.training.versions import current_model
+
+    project = Project(tmp_path / "p")
+    project.folder.mkdir()
+    model = _finished_round().model
+    model.save(project.folder / "start.pt")
+    state = ProjectState.start(np.zeros((16, 16), np.uint8), base_model="start.pt")
+    assert current_model(project, state).config == model.config
+    monkeypatch.chdir(tmp_path)
+    model.save(tmp_path / "elsewhere.pt")  # in the working directory, not in the project
+    state.base_model = "elsewhere.pt"
+    with pytest.raises(InputError, match=r"'elsewhere\.pt' is neither a bundled model nor a file"):
+        current_model(project, state)
+    state.base_model = "../elsewhere.pt"
+    with pytest.raises(InputError, match="leaves the project folder"):
+        current_model(project, state)
+
+
+def test_a_damaged_state_file_can_be_saved_over(tmp_path, caplog):
+    project = Project(tmp_path / "p")
+    project.folder.mkdir()
+    project.state_path.write_bytes(b"PK\x03\x04 damaged")
+    project.save(_state())
+    assert project.load().reviewed == {3}
+    assert "replacing a damaged project file" in caplog.text

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,15 @@ def test_a_second_writer_is_refused_naming_the_holder_until_it_is_killed(tmp_pat
             other.save(_state())  # a one-off save waits briefly, then gives up
         assert other.holder()["pid"] == holder.pid
         assert not other.locked
+        note = folder / HOLDER_FILE  # a damaged or partial note still gives a clear refusal
+        note.write_text('{"program": 1}')
+        with pytest.raises(InputError, match="held by another process"):
+            other.lock()
+        host = socket.gethostname()
+        note.write_text(json.dumps({"program": "x", "pid": holder.pid, "host": host}))
+        expected = re.escape(f"held by x (pid {holder.pid} on {host});")
+        with pytest.raises(InputError, match=expected):
+            other.lock()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.communicate()
