@@ -129,15 +129,25 @@ class ConfusionTracker:
         *,
         ids: NDArray[np.int64] | None = None,
     ) -> None:
-        """Take counts computed elsewhere, e.g. in a worker by
-        ``slice_confusion(pred, ref, ids=tracked_ids(pred, ref))`` (pass the same ``ids``;
-        without them the rows are label values ``0 .. k-1``)."""
+        """Take counts computed elsewhere and point the tracker at ``pred`` and ``ref``.
+
+        ``confusion`` comes e.g. from a tracker built on copies in a worker (its
+        ``confusion``, with its :attr:`ids`) or from
+        ``slice_confusion(pred, ref, ids=tracked_ids(pred, ref))``; pass the same ``ids``.
+        Without ``ids`` the tracker keeps its own when they fit the counts' shape (adopting
+        its own counts for new arrays), else the rows are label values ``0 .. k-1`` (the
+        dense ``slice_confusion(pred, ref, k)``).
+        """
         check_pair(pred, ref)
         n_slices = pred.shape[0] if pred.ndim >= 3 else 1
         if confusion.ndim != 3 or confusion.shape[0] != n_slices:
             raise InputError(f"counts of shape {confusion.shape} do not fit {pred.shape}")
         if ids is None:
-            ids = np.arange(confusion.shape[1], dtype=np.int64)
+            own = getattr(self, "ids", None)
+            if own is not None and confusion.shape[1:] == (own.size, own.size):
+                ids = own
+            else:
+                ids = np.arange(confusion.shape[1], dtype=np.int64)
         ids = np.asarray(ids, np.int64)
         if confusion.shape[1:] != (ids.size, ids.size):
             raise InputError(f"counts of shape {confusion.shape} do not fit {ids.size} label ids")

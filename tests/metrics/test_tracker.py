@@ -118,3 +118,18 @@ def test_painting_65535_adds_one_row(monkeypatch):
     assert per_class == overlap_metrics(pred, ref)["per_class"]
     tr.recount()
     np.testing.assert_array_equal(tr.ids, [0, 1, 117, 65535])
+
+
+def test_adopting_own_counts_keeps_sparse_ids():
+    # the Review widget counts on copies in a worker, then points the tracker at live arrays
+    ref = np.zeros((2, 5, 5), np.uint8)
+    ref[:, 1:4, 1:4] = 117
+    pred = ref.copy()
+    worker_side = ConfusionTracker(pred.copy(), ref.copy())
+    worker_side.adopt(worker_side.confusion, pred, ref)
+    np.testing.assert_array_equal(worker_side.ids, [0, 1, 117])
+    assert set(worker_side.metrics()["per_class"]) == {117}
+    dense = slice_confusion(pred, ref, 118)
+    worker_side.adopt(dense, pred, ref)  # a dense count: rows are label values 0..117
+    assert worker_side.n_classes == 118
+    assert set(worker_side.metrics()["per_class"]) == {117}
