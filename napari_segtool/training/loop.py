@@ -22,6 +22,9 @@ from napari_segtool.training.losses import dice_ce_loss
 
 logger = logging.getLogger(__name__)
 
+MAX_BAD_AMP_STEPS = 5
+"""Non-finite losses in a row that mixed precision may skip before a run counts as diverged."""
+
 
 @dataclass(frozen=True)
 class EpochReport:
@@ -187,6 +190,7 @@ def iter_train(
     best_state = None
     start_state = copy.deepcopy(net.state_dict())
     diverged = False
+    bad_steps = 0
     since_best = 0
     epochs = math.ceil(config.steps / config.steps_per_epoch)
     try:
@@ -207,24 +211,30 @@ def iter_train(
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                losses.append(float(loss.detach()))
+                value = float(loss.detach())
                 step += 1
-                if not math.isfinite(losses[-1]):
-                    diverged = True
-                    raise InputError(
-                        f"training diverged: the loss became {losses[-1]} at step {step} "
-                        f"(epoch {epoch}); lower the learning rate "
-                        f"(now {config.learning_rate:g})"
-                    )
+                if math.isfinite(value):
+                    losses.append(value)
+                    bad_steps = 0
+                else:
+                    # under AMP a float16 overflow skips one step (GradScaler) and is not
+                    # fatal; a few in a row, or any without AMP, mean the run diverged
+                    bad_steps += 1
+                    if not use_amp or bad_steps >= MAX_BAD_AMP_STEPS or not _finite(net):
+                        diverged = True
+                        raise InputError(
+                            f"training diverged: the loss became {value} at step {step} "
+                            f"(epoch {epoch}); lower the learning rate "
+                            f"(now {config.learning_rate:g})"
+                        )
                 if progress_every and step % progress_every == 0:
-                    yield StepProgress(step, config.steps, losses[-1])
+                    yield StepProgress(step, config.steps, value)
             net.eval()
-            if not all(bool(torch.isfinite(t).all()) for t in net.state_dict().values()
-                       if t.is_floating_point()):  # fmt: skip
+            if not _finite(net) or not losses:
                 diverged = True
                 raise InputError(
-                    f"training diverged: the weights hold NaN or infinite values after "
-                    f"epoch {epoch} (step {step}); lower the learning rate "
+                    f"training diverged: the weights or every loss became NaN or infinite "
+                    f"in epoch {epoch} (step {step}); lower the learning rate "
                     f"(now {config.learning_rate:g})"
                 )
             val_dice = val_err = None
@@ -261,6 +271,13 @@ def iter_train(
             net.load_state_dict(start_state)
         net.eval()
     return model
+
+
+def _finite(net: torch.nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of ``net`` is finite."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in net.state_dict().values() if t.is_floating_point()
+    )
 
 
 def _check_classes(sampler: PatchSampler, n_classes: int) -> None:
