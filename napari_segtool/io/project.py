@@ -700,7 +700,9 @@ class Project:
         """
         with self._lock.hold(timeout=self.wait):
             on_disk = self._read(arrays=not save) if self.exists() else None
-            known = _merge_versions(on_disk.versions if on_disk else [], state.versions)
+            if on_disk is not None:
+                _catch_up(state, on_disk)
+            known = state.versions
             version = self._next_number(known)
             path = self.model_path(version)
             write_model(path, version)
@@ -722,7 +724,8 @@ class Project:
         """Write the state atomically, under the lock; returns the state file's path.
 
         Versions are never dropped: versions listed on disk but missing from ``state`` (a
-        round recorded since ``state`` was copied) are kept, and added to ``state``.
+        round recorded since ``state`` was copied) are kept, and added to ``state``; when the
+        version in use on disk is one of those, it stays in use.
 
         Raises
         ------
@@ -740,7 +743,7 @@ class Project:
             except InputError as exc:
                 logger.warning("replacing a damaged project file: %s", exc)
             else:
-                state.versions = _merge_versions(on_disk.versions, state.versions)
+                _catch_up(state, on_disk)
         record = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -837,6 +840,15 @@ def _read_array(zf: zipfile.ZipFile, name: str) -> NDArray:
     fh: IO[bytes]
     with zf.open(f"{name}.npy") as fh:
         return np.lib.format.read_array(fh, allow_pickle=False)
+
+
+def _catch_up(state: ProjectState, on_disk: ProjectState) -> None:
+    """Give ``state`` the versions recorded on disk since it was copied (never dropping one)."""
+    seen = {v["version"] for v in state.versions}
+    if on_disk.current_version is not None and on_disk.current_version not in seen:
+        # promoted since ``state`` was copied: its writer cannot have chosen against it
+        state.current_version = on_disk.current_version
+    state.versions = _merge_versions(on_disk.versions, state.versions)
 
 
 def _merge_versions(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -434,6 +434,14 @@ def test_a_save_from_an_old_copy_keeps_versions_recorded_since(tmp_path):
     project.save(old)  # e.g. an autosave of a snapshot taken before the round finished
     assert [v["version"] for v in project.load().versions] == [1, 2]
     assert [v["version"] for v in old.versions] == [1, 2]
+    live.versions.append({"version": 3, "file": "models/v0003.pt"})
+    live.current_version = 3  # promoted
+    project.save(live)
+    project.save(old)  # never saw version 3, so cannot have chosen against it
+    assert project.load().current_version == 3
+    live.current_version = 1  # the user switched back, knowing version 3
+    project.save(live)
+    assert project.load().current_version == 1
 
 
 def test_a_bare_base_model_name_is_bundled_or_a_file_in_the_project_never_the_cwd(
