@@ -19,12 +19,38 @@ MEMORY_FRACTION = 0.8
 _MEMINFO = Path("/proc/meminfo")
 
 
+# cgroup v2 and v1 files of a container's memory limit and use (limit file, usage file)
+_CGROUP_FILES = (
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (
+        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ),
+)
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under a container's memory limit, or None without a limit."""
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            text = limit_file.read_text().strip()
+            if text == "max":
+                return None
+            limit = int(text)
+            if limit >= 1 << 60:  # cgroup v1 writes "no limit" as a huge number
+                return None
+            return max(0, limit - int(usage_file.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def available_memory() -> int:
     """Bytes of memory available to new allocations without swapping.
 
-    Linux: ``MemAvailable`` from ``/proc/meminfo`` (free memory plus reclaimable caches).
-    Elsewhere: free physical pages from :func:`os.sysconf`, or, where neither is known,
-    ``psutil.virtual_memory().available`` when psutil is installed.
+    Linux: ``MemAvailable`` from ``/proc/meminfo`` (free memory plus reclaimable caches), or
+    less when a container's cgroup limit leaves less. Elsewhere: free physical pages from
+    :func:`os.sysconf`, or ``psutil.virtual_memory().available`` when psutil is installed.
 
     Returns
     -------
@@ -34,7 +60,9 @@ def available_memory() -> int:
     try:
         for line in _MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
+                headroom = _cgroup_headroom()
+                return available if headroom is None else min(available, headroom)
     except (OSError, ValueError, IndexError):
         pass
     try:

@@ -209,3 +209,15 @@ def test_check_allocation_names_both_sizes(monkeypatch):
     check_allocation(100 << 20, what="a table")
     with pytest.raises(InputError, match=r"a table needs 2\.0 GiB but only 1\.0 GiB .*; crop"):
         check_allocation(2 << 30, what="a table", hint="crop")
+
+
+def test_available_memory_respects_a_container_limit(tmp_path, monkeypatch):
+    from napari_segtool.io import memory
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(str(2 << 30))
+    usage.write_text(str(1 << 30))
+    monkeypatch.setattr(memory, "_CGROUP_FILES", ((limit, usage),))
+    assert memory.available_memory() <= 1 << 30
+    limit.write_text("max")
+    assert memory.available_memory() > 0
