@@ -104,7 +104,8 @@ def _read_labels_file(path: Path) -> ImageFile:
         raise InputError(
             f"{path}: the file declares axes {labels.axes} {labels.data.shape}, but a label "
             "image has only spatial axes (Z, Y, X); save it as a plain stack, e.g. with "
-            "tifffile.imwrite(path, labels, photometric='minisblack', metadata={'axes': 'ZYX'})"
+            "tifffile.imwrite(path, labels, photometric='minisblack', metadata={'axes': 'ZYX'}) "
+            "(with imagej=True and no axes, tifffile declares a 3D array as channels)"
         )
     if labels.data.dtype.kind not in "biu":
         raise InputError(f"{path}: labels must be integers, not {labels.data.dtype}")
@@ -258,6 +259,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     # the axes the file declares decide colour and channels, as for every command
     rgb = True if args.rgb else (image.rgb if args.channel_axis is None else None)
     channel_axis = args.channel_axis if args.channel_axis is not None else image.channel_axis
+    n_in = model.config.in_channels
+    if args.channel_axis is None and image.channel_axis is not None and n_in == 1:
+        raise InputError(
+            f"{args.image}: the file declares axes {image.axes} "
+            f"({image.data.shape[image.channel_axis]} channels) but model {model.name!r} takes "
+            f"1 channel; if the file is a Z stack, save it again with metadata={{'axes': 'ZYX'}} "
+            "(tifffile.imwrite(..., imagej=True) declares a 3D array as channels otherwise), or "
+            "pick one channel"
+        )
     config = InferenceConfig(
         tile_shape=args.tile_shape,
         overlap=args.overlap,

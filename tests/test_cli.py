@@ -387,3 +387,13 @@ def test_demo_without_a_display_says_xvfb_run(monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     err = _one_line_error(capsys, "demo")
     assert "xvfb-run -a napari-segtool demo" in err
+
+
+def test_imagej_default_channels_get_a_clear_message(tmp_path, capsys):
+    import tifffile
+
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, np.arange(3 * 16 * 16, dtype=np.uint8).reshape(3, 16, 16), imagej=True)
+    err = _one_line_error(capsys, "segment", path, "-o", tmp_path / "o.tif", "--model", "new-2d")
+    assert "declares axes CYX (3 channels)" in err
+    assert "metadata={'axes': 'ZYX'}" in err
