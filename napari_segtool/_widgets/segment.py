@@ -26,6 +26,7 @@ from magicgui.widgets import (
 )
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
 
 from napari_segtool._widgets import _gc
 from napari_segtool._widgets.roles import RoleDefault, apply_all
@@ -123,6 +124,10 @@ def run_job(job: SegmentJob) -> Generator[Progress, None, SegmentOutput]:
     """
     model = load_model(job.model)
     result = yield from iter_segment(job.image, model, config=job.config, rgb=job.rgb)
+    # napari's first Labels layer imports pandas (layer features): ~0.2 s that would
+    # otherwise run on the UI thread when the layer is added
+    import pandas  # noqa: F401
+
     original = result.labels.copy()
     original.setflags(write=False)
     unc = voxel_uncertainty(result) if result.uncertainty is not None else None
@@ -275,6 +280,10 @@ class SegmentWidget(Container):
         _gc.release()
         if self._worker is not None and self._worker.abort_requested:
             self._status.value = "cancelled"
+        # after the uncertainty layer, which _on_returned queued for the next turn
+        QTimer.singleShot(0, self._idle)
+
+    def _idle(self) -> None:
         self._worker = None
         self._run.text = "Segment"
 
@@ -282,10 +291,15 @@ class SegmentWidget(Container):
         job = self._job
         assert job is not None
         name = self._write_labels(f"{job.image_name} prediction", result, job)
-        if result.uncertainty is not None:  # entropy and flip disagreement, for the Queue
-            self._write_image(f"{job.image_name} uncertainty", result.uncertainty, job)
         self._progress.value = 100
         self._status.value = f"done on {result.device}: {name}"
+        if result.uncertainty is not None:  # entropy and flip disagreement, for the Queue
+            # in the next turn of the event loop: each layer's creation and first draw
+            # (100-200 ms with software OpenGL) is then its own short stall, not one long one
+            unc = result.uncertainty
+            QTimer.singleShot(
+                0, lambda: self._write_image(f"{job.image_name} uncertainty", unc, job)
+            )
 
     # -- output layers ------------------------------------------------------------------------
     def _write_labels(self, name: str, result: SegmentOutput, job: SegmentJob) -> str:

@@ -72,6 +72,7 @@ def test_cancel_stops_the_worker(viewer_and_widget, qtbot):
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         widget._run.changed.emit(True)  # the Cancel click
     assert worker.abort_requested
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=5_000)
     assert "big prediction" not in viewer.layers
     assert widget._run.text == "Segment"
     assert widget._status.value == "cancelled"
