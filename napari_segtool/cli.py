@@ -378,7 +378,6 @@ def _finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfi
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import math
-    import os
 
     from napari_segtool.inference import resolve_device
     from napari_segtool.io import read_image
@@ -393,17 +392,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: give a seed >= 0")
     out = args.output
-    if out.is_dir():
-        raise InputError(f"-o {out}: is a folder; give the model file to write, e.g. {out}/m.pt")
-    if out.exists() and not out.is_file():
-        raise InputError(f"-o {out}: exists and is not a regular file; give another path")
-    parent = out.parent if str(out.parent) else Path()
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"-o {out}: {parent} is a file, not a folder")
-    if not parent.is_dir():
-        raise InputError(f"-o {out}: the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"-o {out}: cannot write into {parent}; pick a writable folder")
+    _check_output(out)
     config = _finetune_config(
         args,
         validation_fraction=args.validation_fraction,
