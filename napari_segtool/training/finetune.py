@@ -314,7 +314,9 @@ def iter_finetune(
     Raises
     ------
     InputError
-        No labelled voxels, labels with more classes than the model, channel mismatch.
+        No labelled voxels, labelled voxels holding a negative value or a value that is not
+        one of the model's ``label_values``, channel mismatch, or a run that diverged (the
+        loss or weights became NaN or infinite).
     """
     cfg = config or FinetuneConfig()
     t0 = time.perf_counter()
