@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QApplication, QWidget
 from napari_segtool._widgets.segment import SegmentWidget
 
 PLUGIN = "napari-segtool"
+DEMO_EPOCHS, DEMO_STEPS = 2, 8  # the demo's fine-tuning round (the widget's default is 6 x 15)
 
 
 def open_demo(sample: str = "isbi_em") -> tuple[napari.Viewer, SegmentWidget]:
@@ -116,6 +117,8 @@ def run_demo(
         panel._labels.value = edited
         folder = project or Path(tempfile.mkdtemp()) / "demo.segtool"
         panel._folder.value = folder
+        # a short round, so the demo finishes in about a minute on a 2-core CPU
+        panel._epochs.value, panel._steps.value = DEMO_EPOCHS, DEMO_STEPS
         if not panel.open_project():
             status["code"] = 1
             finish()

@@ -20,6 +20,7 @@ import napari
 import napari.layers
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -61,6 +62,7 @@ from napari_segtool.training import (
     StepProgress,
     iter_finetune,
 )
+from napari_segtool.training.classes import ClassFit, fit_classes
 from napari_segtool.training.versions import (
     current_model,
     record_round,
@@ -73,6 +75,7 @@ logger = logging.getLogger(__name__)
 AUTOSAVE_MS = 60_000
 REVIEW_KEY = "Shift-R"
 FROM_PREDICTION = "model that made the prediction"
+UNTRAINED = tuple(e.name for e in list_models() if e.path is None)  # "new-2d", "new-3d"
 PROGRAM = "napari-segtool Fine-tune (napari)"  # named when another writer is refused
 
 
@@ -85,6 +88,8 @@ class FinetuneJob:
     project: Project
     config: FinetuneConfig
     truth: np.ndarray | None = None
+    extend: bool = True  # classes the model lacks grow its head instead of failing
+    references: tuple[np.ndarray, ...] = ()  # their classes seed a new model's classes
 
 
 def _train(job: FinetuneJob):
@@ -95,11 +100,14 @@ def _train(job: FinetuneJob):
         data.append(LabelledImage(job.image, job.truth, None))
         if not data[0].mask.any():
             data = data[1:]
-    result = yield from iter_finetune(model, data, config=job.config)
+    untrained = job.state.current_version is None and job.state.base_model in UNTRAINED
+    fit = fit_classes(model, data, untrained=untrained, extend=job.extend,
+                      also=job.references)  # fmt: skip
+    result = yield from iter_finetune(fit.model, data, config=job.config)
     # the state is the snapshot from the round's start: record only the version on disk, the
     # widget then saves its live state (corrections made meanwhile included)
     entry = record_round(job.project, job.state, result, save=False)
-    return result, entry, job.state
+    return result, entry, job.state, fit
 
 
 def _resegment(project: Project, state: ProjectState, image: np.ndarray, device: str):
@@ -143,6 +151,11 @@ class FinetuneWidget(Container):
         )
         self._lr.native.setDecimals(5)
         self._device = ComboBox(label="device", choices=DEVICES, value=defaults.device)
+        self._extend = CheckBox(label="add new classes", value=True)
+        self._extend.tooltip = (
+            "A correction with a class the model does not know (a new organ, say) adds that "
+            "class to the model instead of stopping the round"
+        )
         self._run = PushButton(text="Fine-tune")
         self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
         self._use = PushButton(text="Use selected version")
@@ -153,7 +166,7 @@ class FinetuneWidget(Container):
         self.extend([
             self._image, self._labels, self._truth, self._model, self._folder, self._open,
             self._reviewed, self._mark, self._epochs, self._steps, self._lr, self._device,
-            self._run,
+            self._extend, self._run,
             self._progress, self._use, self._reseg, self._status,
         ])  # fmt: skip
         self._figure = Figure(figsize=(3, 1.8))
@@ -407,7 +420,16 @@ class FinetuneWidget(Container):
                     f"corrections {self.state.labels.shape}"
                 )
             truth_data = np.array(truth.data, copy=True)
-        return FinetuneJob(data, self.state.snapshot(), self.project, config, truth_data)
+        shape = self.state.labels.shape
+        references = tuple(
+            np.array(layer.data, copy=True)
+            for layer in self._viewer.layers
+            if isinstance(layer, napari.layers.Labels)
+            and role(layer) == REFERENCE
+            and tuple(layer.data.shape) == shape
+        )
+        return FinetuneJob(data, self.state.snapshot(), self.project, config, truth_data,
+                           extend=bool(self._extend.value), references=references)  # fmt: skip
 
     def _on_run_clicked(self, *_: Any) -> None:
         if self._worker is not None:
@@ -456,10 +478,12 @@ class FinetuneWidget(Container):
             self._curve.append(item)
             self._plot()
 
-    def _on_trained(self, out: tuple[FinetuneResult, dict, ProjectState]) -> None:
+    def _on_trained(self, out: tuple[FinetuneResult, dict, ProjectState, ClassFit]) -> None:
         if self._closed:
             return
-        result, entry, saved = out
+        result, entry, saved, fit = out
+        if fit.describe():
+            show_info(f"Fine-tune: {fit.describe()}")
         self._progress.value = 100
         if self.state is None:  # the layer was closed meanwhile; the version is on disk
             return

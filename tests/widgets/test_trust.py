@@ -306,3 +306,35 @@ def test_edits_made_during_a_round_survive_its_save(cells, qtbot, tmp_path, erro
     assert [v["version"] for v in saved.versions] == [1]
     assert saved.labels[3, 40, 40] == 7
     assert saved.painted[3, 40, 40]
+
+
+# -- item 16: multi-class corrections from the GUI --------------------------------------------
+def test_a_new_model_learns_a_ct_organ_id_from_the_gui(make_napari_viewer, qtbot, tmp_path,
+                                                        errors):  # fmt: skip
+    viewer = make_napari_viewer()
+    image, truth = blobs((4, 64, 64))
+    organs = (truth * 5).astype(np.uint8)  # an organ with TotalSegmentator-style id 5
+    viewer.add_image(image, name="ct", metadata={ROLE_KEY: IMAGE})
+    viewer.add_labels(organs, name="ct reference", metadata={ROLE_KEY: REFERENCE})
+    layer = viewer.add_labels(np.zeros_like(organs), name="ct prediction",
+                              metadata={ROLE_KEY: PREDICTION})  # fmt: skip
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+    widget._model.value = "new-2d"
+    widget._folder.value = tmp_path / "ct.segtool"
+    widget._epochs.value, widget._steps.value, widget._device.value = 1, 2, "cpu"
+    assert widget.open_project()
+    for z in (0, 1, 2):  # corrected by hand, then marked reviewed
+        ys, xs = np.nonzero(organs[z] == 5)
+        layer.data_setitem((np.full(ys.size, z), ys, xs), 5)
+        viewer.dims.set_current_step(0, z)
+        widget.toggle_reviewed()
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert not errors, errors
+    entry = widget.state.versions[0]
+    from napari_segtool.model import SegmentationModel
+
+    model = SegmentationModel.load(widget.project.folder / entry["file"])
+    assert model.label_values == (0, 5)
+    if entry["promoted"]:  # let its re-segmentation finish before the viewer closes
+        qtbot.waitUntil(lambda: "re-segmented" in widget._status.value, timeout=60_000)
