@@ -479,6 +479,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from napari_segtool.inference import resolve_device
     from napari_segtool.io import read_image
     from napari_segtool.model import SegmentationModel, load_model
+    from napari_segtool.training.data import label_values_present
 
     _check_output(args.output, suffixes=(".json",))
     resolve_device(args.device)
@@ -486,7 +487,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     labels = _read_labels(args.labels)
     if args.seeds < 1:
         raise InputError("--seeds must be >= 1")
-    n_classes = max(2, int(labels.max()) + 1)
+    values = label_values_present(labels)  # sparse ids train as their real class count
     config = SimulationConfig(
         strategy=args.strategy,
         score=args.score,
@@ -504,7 +505,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         else:
             tile = (256, 256) if labels.ndim == 3 else (args.tile, args.tile)
             model = SegmentationModel.new(
-                ModelConfig(out_channels=n_classes), tile_shape=tile, seed=seed
+                ModelConfig(out_channels=len(values)),
+                tile_shape=tile,
+                seed=seed,
+                label_values=values,
             )
         curve = []
         for point in iter_simulate(image, labels, model, config=config, seed=seed):
@@ -523,7 +527,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             n = runs[0]["curve"][i][0]
             mean.append([n, float(np.mean([r["curve"][i][1] for r in runs]))])
     out = {"strategy": args.strategy, "units": "slices" if labels.ndim == 3 else "tiles",
-           "seeds": runs, "mean": mean}  # fmt: skip
+           "seeds": runs, "mean": mean, "label_values": list(values)}  # fmt: skip
     if args.output is not None:
         _write_json(args.output, _finite(out))
     if args.json:

@@ -6,6 +6,7 @@ defaults and the CLI can expose them as flags.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -258,8 +259,12 @@ class FinetuneConfig:
             raise InputError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
             )
-        if self.learning_rate <= 0:
-            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InputError(
+                f"learning_rate must be a finite number > 0, got {self.learning_rate}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.patience < 1:
             raise InputError(f"patience must be >= 1, got {self.patience}")
         if self.device not in DEVICES:

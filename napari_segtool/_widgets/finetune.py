@@ -496,10 +496,11 @@ class FinetuneWidget(Container):
             self._status.value = f"version {entry['version']} in use: re-segmenting..."
             self.resegment()
         elif entry.get("val_dice") is None or entry.get("baseline_dice") is None:
+            why = getattr(result, "note", "") or "it had no held-out corrections to be judged on"
             show_warning(
-                f"Fine-tune: version {entry['version']} had no held-out corrections to be "
-                "judged on, so the model in use is kept; correct or review more slices, or "
-                "select the version and click 'Use selected version' to switch anyway"
+                f"Fine-tune: version {entry['version']} kept, not used: {why}; correct or "
+                "review more slices, or select the version and click 'Use selected version' "
+                "to switch anyway"
             )
         else:
             show_warning(

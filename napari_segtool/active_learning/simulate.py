@@ -25,6 +25,7 @@ from napari_segtool.errors import InputError
 from napari_segtool.inference.predict import segment
 from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.model.checkpoint import SegmentationModel
+from napari_segtool.training.data import labels_to_channels
 from napari_segtool.training.finetune import LabelledImage, iter_finetune
 from napari_segtool.training.loop import foreground_dice
 
@@ -94,8 +95,14 @@ def _train(model: SegmentationModel, image, labels, mask, cfg: FinetuneConfig):
     return run_to_end(iter_finetune(model, items, config=cfg, progress_every=None))
 
 
-def _dice(pred: NDArray, ref: NDArray, where: NDArray[np.bool_], n_classes: int) -> float:
-    return foreground_dice(pred[where], ref[where], n_classes)
+def _dice(
+    pred: NDArray, ref: NDArray, where: NDArray[np.bool_], model: SegmentationModel
+) -> float:
+    """Held-out foreground Dice, over the model's classes (sparse label ids mapped first)."""
+    values = model.label_values or ()
+    return foreground_dice(labels_to_channels(pred[where], values),
+                           labels_to_channels(ref[where], values),
+                           model.config.out_channels)  # fmt: skip
 
 
 def iter_simulate(
@@ -122,7 +129,6 @@ def iter_simulate(
     rng = np.random.default_rng(seed)
     revealed = [pool[i].index for i in rng.choice(len(pool), cfg.initial, replace=False)]
     held_mask = _mask(labels.shape, units, set(held))
-    n_classes = model.config.out_channels
     ft = cfg.finetune.replace(seed=seed)
     # every strategy is judged on the same plain prediction; only the uncertainty strategy
     # pays for a flip-TTA run, to score the units
@@ -137,7 +143,7 @@ def iter_simulate(
         if result.promote:
             current = result.model
         seg = segment(image, current, config=plain)
-        point = RoundPoint(r, tuple(revealed), _dice(seg.labels, labels, held_mask, n_classes),
+        point = RoundPoint(r, tuple(revealed), _dice(seg.labels, labels, held_mask, current),
                            time.perf_counter() - t0)  # fmt: skip
         logger.info("%s seed %d round %d: %d units, Dice %.4f", cfg.strategy, seed, r,
                     point.n_revealed, point.dice)  # fmt: skip
@@ -174,7 +180,7 @@ def reference_dice(
     mask = _mask(labels.shape, units, {u.index for u in units if u.index not in held})
     result = _train(model, image, labels, mask, cfg.finetune.replace(seed=seed))
     pred = segment(image, result.model, config=InferenceConfig(device=cfg.finetune.device)).labels
-    return _dice(pred, labels, _mask(labels.shape, units, held), model.config.out_channels)
+    return _dice(pred, labels, _mask(labels.shape, units, held), result.model)
 
 
 def units_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:

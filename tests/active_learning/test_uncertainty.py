@@ -103,3 +103,33 @@ def test_simulate_end_to_end_on_a_tiny_stack():
     assert held.isdisjoint(revealed)
     again = run_to_end(iter_simulate(image, labels, tiny_model(), config=cfg, seed=1))
     assert [p.revealed for p in again] == [p.revealed for p in curve]
+
+
+def test_simulate_with_sparse_label_ids_uses_the_real_class_count(tmp_path, capsys):
+    """Issue 10 item 5: TotalSegmentator-style ids (here 117) train as 2 classes, not 118."""
+    import json
+
+    from napari_segtool.cli import main
+    from napari_segtool.io import write_image
+
+    image, labels = easy_and_hard(n=6)
+    sparse = (labels > 0).astype(np.uint8) * 117
+    img = write_image(tmp_path / "img.tif", image)
+    lab = write_image(tmp_path / "lab.tif", sparse)
+    out = tmp_path / "sim.json"
+    args = ["simulate", str(img), str(lab), "--rounds", "1", "--epochs", "1", "--device",
+            "cpu", "--steps-per-epoch", "2", "--tile", "32", "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["label_values"] == [0, 117]
+    assert all(0.0 <= d <= 1.0 for _, d in result["mean"])
+
+
+def test_finetune_config_refuses_non_finite_rates_and_negative_seeds():
+    from napari_segtool.config import FinetuneConfig
+
+    for bad in (float("nan"), float("inf"), 0.0, -1e-3):
+        with pytest.raises(InputError, match="learning_rate"):
+            FinetuneConfig(learning_rate=bad)
+    with pytest.raises(InputError, match="seed"):
+        FinetuneConfig(seed=-1)
