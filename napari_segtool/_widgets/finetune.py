@@ -39,12 +39,12 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QApplication,
-    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
 )
 
 from napari_segtool._widgets import _gc
+from napari_segtool._widgets._layout import fixed_width
 from napari_segtool._widgets.queue import REVIEWED_KEY
 from napari_segtool._widgets.roles import RoleDefault, apply_all, bump_version, role
 from napari_segtool._widgets.segment import ORIGINAL_KEY, SOURCE_KEY, write_uncertainty_layer
@@ -162,7 +162,7 @@ class FinetuneWidget(Container):
         self._reseg = PushButton(text="Re-segment untouched")
         self._status = Label(label="", value="")
         for label in (self._status, self._reviewed):
-            _fixed_width(label)
+            fixed_width(label)
         self.extend([
             self._image, self._labels, self._truth, self._model, self._folder, self._open,
             self._reviewed, self._mark, self._epochs, self._steps, self._lr, self._device,
@@ -184,8 +184,8 @@ class FinetuneWidget(Container):
         self.versions.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.versions.verticalHeader().setVisible(False)
         self.versions.horizontalHeader().setStretchLastSection(True)
-        self._canvas.setMinimumHeight(160)
-        self.versions.setMinimumHeight(130)
+        self._canvas.setMinimumHeight(120)
+        self.versions.setMinimumHeight(100)
         for w in (self._canvas, self.versions):
             self.native.layout().addWidget(w)
 
@@ -651,12 +651,6 @@ def _save_at_exit(ref: weakref.ref) -> None:
     widget = ref()
     if widget is not None:
         widget._final_save()
-
-
-def _fixed_width(label: Label) -> None:
-    """Text updates must not resize the dock (and with it the canvas, an expensive redraw)."""
-    label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
-    label.native.setMinimumWidth(10)
 
 
 def _num(value: Any) -> str:

@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import QAbstractItemView, QTableWidget
 
+from napari_segtool._widgets._layout import fixed_width, set_cell
 from napari_segtool._widgets.roles import RoleDefault, apply_all, data_version
 from napari_segtool._widgets.segment import ORIGINAL_KEY
 from napari_segtool.errors import SegtoolError
@@ -27,6 +28,7 @@ from napari_segtool.metrics.report import SUMMARY_KEYS
 logger = logging.getLogger(__name__)
 
 RECOUNT_IN_WORKER = 2**20  # voxels above which a full recount leaves the UI thread (~10 ms)
+TABLE_DELAY_MS = 20  # paint events update the tables this much later, after the canvas
 PLOT_EVERY_MS = 400  # the Dice plot is redrawn at most this often (an Agg draw is ~20 ms)
 DISTANCE_KEYS = ("hd", "hd95", "assd")
 
@@ -52,6 +54,8 @@ class ReviewWidget(Container):
         self._distances = PushButton(text="Compute distances (HD, HD95, ASSD)")
         self.extend([self._edited, self._reference, self._status, self._effort,
                      self._distances])  # fmt: skip
+        for label in (self._status, self._effort):
+            fixed_width(label)  # a new text per paint must not relayout the docks
         self.summary = QTableWidget(len(SUMMARY_KEYS), 2)
         self.summary.setHorizontalHeaderLabels(["image", "slice"])
         self.summary.setVerticalHeaderLabels(list(SUMMARY_KEYS))
@@ -68,9 +72,11 @@ class ReviewWidget(Container):
         self._axes.set_ylabel("Dice", fontsize=7)
         self._axes.tick_params(labelsize=6)
         self._canvas = FigureCanvasQTAgg(self._figure)
-        self.summary.setMinimumHeight(24 * len(SUMMARY_KEYS) + 30)
-        self.slices.setMinimumHeight(160)
-        self._canvas.setMinimumHeight(150)
+        # small minimums (the tables scroll): Review and Fine-tune docked on one side must
+        # still fit a 1080-pixel screen
+        self.summary.setMinimumHeight(220)
+        self.slices.setMinimumHeight(100)
+        self._canvas.setMinimumHeight(110)
         for w in (self.summary, self.slices, self._canvas):
             self.native.layout().addWidget(w)
         self.tracker: ConfusionTracker | None = None
@@ -86,6 +92,13 @@ class ReviewWidget(Container):
         self._plot_timer.setSingleShot(True)
         self._plot_timer.setInterval(PLOT_EVERY_MS)
         self._plot_timer.timeout.connect(self._plot)
+        # the tables follow the paint events a frame later: repainting a dozen changed cells
+        # in the same frame as the canvas would add to the time from a dab to its redraw
+        self._pending: set[int] | None = set()  # slice rows to update (None: all)
+        self._table_timer = QTimer(self.native)
+        self._table_timer.setSingleShot(True)
+        self._table_timer.setInterval(TABLE_DELAY_MS)
+        self._table_timer.timeout.connect(self.flush)
         self._edited.changed.connect(self.attach)
         self._reference.changed.connect(self.attach)
         self._distances.changed.connect(self.compute_distances)
@@ -242,7 +255,19 @@ class ReviewWidget(Container):
         # a paint adds to the undo history: remember that state, so it is not a "change"
         self._versions = (data_version(self._layers[0]), data_version(self._layers[1]))
         if self.tracker is not None:
-            self.refresh(_touched(atoms, self.tracker))
+            touched = _touched(atoms, self.tracker)
+            self._pending = (
+                None if touched is None or self._pending is None else (self._pending | touched)
+            )
+            if not self._table_timer.isActive():
+                self._table_timer.start()
+
+    def flush(self) -> None:
+        """Show the counts of the paint events since the last update now (else a frame later)."""
+        if self._table_timer.isActive():
+            self._table_timer.stop()
+        rows, self._pending = self._pending, set()
+        self.refresh(rows)
 
     def _on_set_data(self, *_: Any) -> None:
         """Undo, redo or new data: no paint event, so count again; a slice change is not one.
@@ -273,7 +298,7 @@ class ReviewWidget(Container):
         whole = self.tracker.metrics()
         for row, key in enumerate(SUMMARY_KEYS):
             if key not in DISTANCE_KEYS:
-                self.summary.setItem(row, 0, QTableWidgetItem(_fmt(whole[key])))
+                set_cell(self.summary, row, 0, _fmt(whole[key]))
         self._refresh_slice_column()
         rows = range(self.tracker.n_slices) if touched is None else sorted(touched)
         self._update_slice_rows(rows)
@@ -293,7 +318,7 @@ class ReviewWidget(Container):
         m = self.tracker.metrics(z) if z is not None else self.tracker.metrics()
         for row, key in enumerate(SUMMARY_KEYS):
             if key not in DISTANCE_KEYS:
-                self.summary.setItem(row, 1, QTableWidgetItem(_fmt(m[key])))
+                set_cell(self.summary, row, 1, _fmt(m[key]))
 
     def _build_slice_table(self) -> None:
         n = self.tracker.n_slices if self.tracker is not None else 0
@@ -306,8 +331,8 @@ class ReviewWidget(Container):
             return
         for z in rows:
             m = self.tracker.metrics(z)
-            self.slices.setItem(z, 0, QTableWidgetItem(_fmt(m["dice"])))
-            self.slices.setItem(z, 1, QTableWidgetItem(_fmt(m["iou"])))
+            set_cell(self.slices, z, 0, _fmt(m["dice"]))
+            set_cell(self.slices, z, 1, _fmt(m["iou"]))
 
     def _plot(self) -> None:
         """Update the Dice-vs-time line (one artist, redrawn when Qt is idle)."""
@@ -352,9 +377,9 @@ class ReviewWidget(Container):
         whole, current = result
         for row, key in enumerate(SUMMARY_KEYS):
             if key in DISTANCE_KEYS:
-                self.summary.setItem(row, 0, QTableWidgetItem(_fmt(whole[key])))
+                set_cell(self.summary, row, 0, _fmt(whole[key]))
                 if current is not None:
-                    self.summary.setItem(row, 1, QTableWidgetItem(_fmt(current[key])))
+                    set_cell(self.summary, row, 1, _fmt(current[key]))
         if self._layers is not None:
             self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
 
@@ -369,6 +394,8 @@ class ReviewWidget(Container):
     # -- for tests and scripting --------------------------------------------------------------
     def value(self, key: str, column: int = 0) -> str:
         """Text shown for metric ``key`` (column 0: whole image, 1: current slice)."""
+        if self._table_timer.isActive():
+            self.flush()
         item = self.summary.item(SUMMARY_KEYS.index(key), column)
         return item.text() if item is not None else ""
 

@@ -50,6 +50,7 @@ def test_dice_follows_painting(make_napari_viewer):
     assert widget.value("iou") == f"{after['iou']:.4f}"
     slice2 = overlap_metrics(edited.data[2], reference.data[2])
     assert widget.value("dice", column=1) == f"{slice2['dice']:.4f}"
+    widget.flush()
     assert widget.slices.item(3, 0).text() == (
         f"{overlap_metrics(edited.data[3], reference.data[3])['dice']:.4f}"
     )
@@ -85,8 +86,10 @@ def test_edit_effort_against_the_original_prediction(make_napari_viewer):
     original = edited.data.copy()
     edited.metadata["segtool_original"] = original
     widget = open_review(viewer, edited, reference)
+    widget.flush()
     assert widget._effort.value.startswith("0 voxels changed")
     edited.data_setitem((np.array([0, 0]), np.array([0, 1]), np.array([0, 0])), 3)
+    widget.flush()
     assert widget._effort.value.startswith("2 voxels changed")
 
 

@@ -214,6 +214,7 @@ def test_worker_recount_keeps_edits_made_meanwhile(make_napari_viewer, qtbot, mo
     effort = ConfusionTracker(edited.data, original)
     changed = int(effort.totals().sum() - np.trace(effort.totals()))
     assert changed == 3
+    widget.flush()
     assert widget._effort.value.startswith("3 voxels")
 
 
@@ -250,10 +251,12 @@ def test_effort_counts_only_the_users_changes(cells, qtbot, tmp_path, errors):
     assert widget.open_project()
     before = prediction.data.copy()
     prediction.data_setitem((np.array([1, 1, 1]), np.array([3, 4, 5]), np.array([3, 3, 3])), 2)
+    review.flush()
     assert review._effort.value.startswith("3 voxels")
     # a different model writes every untouched voxel
     widget._merge((1 - before, np.zeros(before.shape, np.float32)))
     assert (prediction.data != before).sum() > 1000
+    review.flush()
     assert review._effort.value.startswith("3 voxels"), review._effort.value
     assert not errors
 
