@@ -103,8 +103,8 @@ def run_demo(
         if status["code"] == 0 and (review or finetune):
             widget.dock.hide()  # room for the widget being shown
         if status["code"] == 0 and review:
-            start_review()
-        if finetune and status["code"] == 0:
+            start_review()  # takes the picture itself when the correction is shown
+        elif finetune and status["code"] == 0:
             start_finetune()
         else:
             QTimer.singleShot(300, finish)
@@ -151,9 +151,18 @@ def run_demo(
         _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
         panel._edited.value = edited
         panel._reference.value = reference
-        z = int(viewer.dims.current_step[0]) if edited.ndim == 3 else 0
-        correct_like_a_user(edited, reference, z)
-        edited.selected_label = 1
+
+        def correct() -> None:  # once the first count (in a worker for a large stack) is in
+            if panel.tracker is None or panel._recounting:
+                QTimer.singleShot(200, correct)
+                return
+            z = int(viewer.dims.current_step[0]) if edited.ndim == 3 else 0
+            correct_like_a_user(edited, reference, z)
+            edited.selected_label = 1
+            panel.flush()
+            QTimer.singleShot(1000, finish)  # the Dice plot redraws within PLOT_EVERY_MS
+
+        correct()
 
     def begin() -> None:
         if segment:

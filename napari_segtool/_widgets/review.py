@@ -60,6 +60,8 @@ class ReviewWidget(Container):
         self.summary.setHorizontalHeaderLabels(["image", "slice"])
         self.summary.setVerticalHeaderLabels(list(SUMMARY_KEYS))
         self.summary.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.summary.horizontalHeader().setDefaultSectionSize(72)
+        self.summary.setMinimumWidth(320)  # names and both columns, without a scroll bar
         self.slices = QTableWidget(0, 2)
         self.slices.setHorizontalHeaderLabels(["Dice", "IoU"])
         self.slices.setEditTriggers(QAbstractItemView.NoEditTriggers)
