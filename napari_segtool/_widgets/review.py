@@ -21,24 +21,16 @@ from napari_segtool._widgets._layout import fixed_width, set_cell
 from napari_segtool._widgets.roles import RoleDefault, apply_all, data_version
 from napari_segtool._widgets.segment import ORIGINAL_KEY
 from napari_segtool.errors import SegtoolError
+from napari_segtool.io.paint import paint_changes
 from napari_segtool.layer_roles import PREDICTION, REFERENCE
 from napari_segtool.metrics import ConfusionTracker, evaluate
-from napari_segtool.metrics.report import SUMMARY_KEYS
+from napari_segtool.metrics.report import DISTANCE_KEYS, METRIC, SUMMARY_KEYS
 
 logger = logging.getLogger(__name__)
 
 RECOUNT_IN_WORKER = 2**20  # voxels above which a full recount leaves the UI thread (~10 ms)
 TABLE_DELAY_MS = 20  # paint events update the tables this much later, after the canvas
 PLOT_EVERY_MS = 400  # the Dice plot is redrawn at most this often (an Agg draw is ~20 ms)
-DISTANCE_KEYS = ("hd", "hd95", "assd")
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "inf" if np.isinf(value) else f"{value:.4f}"
-    return str(value)
 
 
 class ReviewWidget(Container):
@@ -300,7 +292,7 @@ class ReviewWidget(Container):
         whole = self.tracker.metrics()
         for row, key in enumerate(SUMMARY_KEYS):
             if key not in DISTANCE_KEYS:
-                set_cell(self.summary, row, 0, _fmt(whole[key]))
+                set_cell(self.summary, row, 0, METRIC[key].format(whole[key]))
         self._refresh_slice_column()
         rows = range(self.tracker.n_slices) if touched is None else sorted(touched)
         self._update_slice_rows(rows)
@@ -320,7 +312,7 @@ class ReviewWidget(Container):
         m = self.tracker.metrics(z) if z is not None else self.tracker.metrics()
         for row, key in enumerate(SUMMARY_KEYS):
             if key not in DISTANCE_KEYS:
-                set_cell(self.summary, row, 1, _fmt(m[key]))
+                set_cell(self.summary, row, 1, METRIC[key].format(m[key]))
 
     def _build_slice_table(self) -> None:
         n = self.tracker.n_slices if self.tracker is not None else 0
@@ -333,8 +325,8 @@ class ReviewWidget(Container):
             return
         for z in rows:
             m = self.tracker.metrics(z)
-            set_cell(self.slices, z, 0, _fmt(m["dice"]))
-            set_cell(self.slices, z, 1, _fmt(m["iou"]))
+            set_cell(self.slices, z, 0, METRIC["dice"].format(m["dice"]))
+            set_cell(self.slices, z, 1, METRIC["iou"].format(m["iou"]))
 
     def _plot(self) -> None:
         """Update the Dice-vs-time line (one artist, redrawn when Qt is idle)."""
@@ -379,9 +371,9 @@ class ReviewWidget(Container):
         whole, current = result
         for row, key in enumerate(SUMMARY_KEYS):
             if key in DISTANCE_KEYS:
-                set_cell(self.summary, row, 0, _fmt(whole[key]))
+                set_cell(self.summary, row, 0, METRIC[key].format(whole[key]))
                 if current is not None:
-                    set_cell(self.summary, row, 1, _fmt(current[key]))
+                    set_cell(self.summary, row, 1, METRIC[key].format(current[key]))
         if self._layers is not None:
             self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
 
@@ -415,10 +407,6 @@ def _touched(atoms: Any, tracker: ConfusionTracker) -> set[int] | None:
     if tracker.pred.ndim < 3:
         return None
     zs: set[int] = set()
-    for atom in atoms:
-        if hasattr(atom, "slice_key"):
-            s = atom.slice_key[0]
-            zs.update(range(s.start or 0, s.stop if s.stop is not None else tracker.n_slices))
-        else:
-            zs.update(int(v) for v in np.unique(np.asarray(atom[0][0])))
+    for change in paint_changes(atoms):
+        zs |= change.planes(tracker.n_slices)
     return zs

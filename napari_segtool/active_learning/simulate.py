@@ -24,10 +24,10 @@ from napari_segtool.config import FinetuneConfig, InferenceConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference.predict import segment
 from napari_segtool.inference.tiling import run_to_end
+from napari_segtool.metrics.overlap import foreground_dice
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.data import labels_to_channels
 from napari_segtool.training.finetune import LabelledImage, iter_finetune
-from napari_segtool.training.loop import foreground_dice
 
 logger = logging.getLogger(__name__)
 

@@ -57,6 +57,8 @@ from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
 from napari_segtool.io.atomic import atomic_write
+from napari_segtool.io.labelled import labelled_mask
+from napari_segtool.io.paint import paint_changes
 
 logger = logging.getLogger(__name__)
 
@@ -139,19 +141,26 @@ class ProjectState:
             raise InputError(f"labels, machine and painted masks differ in shape: {shapes}")
         self.reviewed = {int(z) for z in self.reviewed}
 
+    def changed(self) -> NDArray[np.bool_]:
+        """Voxels the user painted or whose label differs from what the model wrote."""
+        return self.painted | (self.labels != self.machine)
+
+    def labelled(self) -> NDArray[np.bool_]:
+        """The labelled voxels: changed, painted, or in a reviewed slice.
+
+        The one definition (:func:`~napari_segtool.io.labelled.labelled_mask`): these train
+        the model and a re-segmentation leaves them alone.
+
+        Raises
+        ------
+        InputError
+            For a reviewed slice outside the image.
+        """
+        return labelled_mask(self.labels.shape, changed=self.changed(), reviewed=self.reviewed)
+
     def protected(self) -> NDArray[np.bool_]:
-        """Voxels a re-segmentation must not touch: changed, painted, or in reviewed slices."""
-        mask = self.painted | (self.labels != self.machine)
-        depth = 1 if self.labels.ndim == 2 else self.labels.shape[0]
-        bad = sorted(z for z in self.reviewed if not 0 <= z < depth)
-        if bad:
-            raise InputError(f"reviewed slices {bad[:8]} are outside 0..{depth - 1}; unmark them")
-        for z in self.reviewed:
-            if self.labels.ndim == 2:
-                mask[...] = True
-            else:
-                mask[z] = True
-        return mask
+        """Voxels a re-segmentation must not touch: the :meth:`labelled` ones."""
+        return self.labelled()
 
     def mark_painted(self, atoms: Any) -> int:
         """Record the voxels of napari paint-history atoms as painted; returns how many.
@@ -164,19 +173,9 @@ class ProjectState:
         2
         """
         n = 0
-        for atom in atoms:
-            if hasattr(atom, "slice_key"):
-                box = tuple(atom.slice_key)
-                if atom.mask is None:
-                    self.painted[box] = True
-                    n += int(self.painted[box].size)
-                else:
-                    self.painted[box] |= atom.mask
-                    n += int(np.count_nonzero(atom.mask))
-            else:
-                indices = tuple(np.asarray(i) for i in atom[0])
-                self.painted[indices] = True
-                n += int(indices[0].size)
+        for change in paint_changes(atoms):
+            change.mark(self.painted)
+            n += change.size
         return n
 
     def snapshot(self) -> ProjectState:

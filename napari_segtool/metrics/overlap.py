@@ -243,6 +243,52 @@ def class_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
     }
 
 
+def macro_dice(confusion: NDArray[np.int64]) -> NDArray[np.float64]:
+    """Macro foreground Dice of one or many confusion matrices ``C[..., ref, pred]``.
+
+    Index 0 is the background. The mean runs over the foreground classes present in either
+    image; with no foreground at all the Dice is 1 (the module's policy), so it equals
+    ``overlap_metrics(confusion=c)["dice"]`` for each matrix ``c``, vectorised over the
+    leading axes (e.g. one matrix per slice).
+
+    Examples
+    --------
+    >>> macro_dice(np.array([[[4, 0], [0, 0]], [[1, 1], [1, 1]]]))
+    array([1. , 0.5])
+    """
+    cm = np.asarray(confusion)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)[..., 1:].astype(np.float64)
+    sizes = (cm.sum(-2) + cm.sum(-1))[..., 1:]
+    present = sizes > 0
+    dice = np.where(present, 2 * tp / np.maximum(sizes, 1), 0.0)
+    n_present = present.sum(-1)
+    return np.where(n_present > 0, dice.sum(-1) / np.maximum(n_present, 1), 1.0)
+
+
+def foreground_dice(pred: NDArray, ref: NDArray, n_classes: int) -> float:
+    """Macro foreground Dice of two masks of class indices ``0 .. n_classes - 1``.
+
+    Classes absent from both masks are left out; 1.0 when neither holds any foreground.
+
+    Raises
+    ------
+    InputError
+        For a value outside ``0 .. n_classes - 1`` (map label ids to channels first).
+
+    Examples
+    --------
+    >>> foreground_dice(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
+    0.6666666666666666
+    """
+    cm = confusion_matrix(pred, ref, n_classes)
+    if cm.shape[0] > n_classes:
+        raise InputError(
+            f"the masks hold class {cm.shape[0] - 1} but n_classes is {n_classes}; map label "
+            "values to channel indices first (labels_to_channels)"
+        )
+    return float(macro_dice(cm))
+
+
 def overlap_metrics(
     pred: NDArray | None = None,
     ref: NDArray | None = None,

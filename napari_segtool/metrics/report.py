@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -11,10 +13,58 @@ from napari_segtool.metrics.overlap import check_pair, compact_confusion, overla
 from napari_segtool.metrics.surface import surface_metrics
 from napari_segtool.metrics.tracker import slice_confusion
 
-SUMMARY_KEYS = (
-    "dice", "iou", "pixel_accuracy", "mean_pixel_accuracy", "precision", "recall",
-    "specificity", "voe", "rvd", "hd", "hd95", "assd",
-)  # fmt: skip
+Direction = Literal["higher", "lower", "zero"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the metric table: its key, which way is better, and how it is shown.
+
+    Attributes
+    ----------
+    name : str
+        The key in :func:`evaluate`'s result, the CLI's JSON and the Review widget's table.
+    better : {"higher", "lower", "zero"}
+        Which values are better: higher, lower, or closer to 0 (a signed difference).
+    needs_spacing : bool
+        A distance in the units of the voxel spacing (costly: surface distances).
+    """
+
+    name: str
+    better: Direction
+    needs_spacing: bool = False
+
+    def format(self, value: object) -> str:
+        """The text shown for ``value``: 4 decimals, ``inf``, or ``-`` when not computed.
+
+        >>> METRIC["dice"].format(0.5), METRIC["hd"].format(None), METRIC["hd"].format(np.inf)
+        ('0.5000', '-', 'inf')
+        """
+        if value is None:
+            return "-"
+        if isinstance(value, float | np.floating):
+            return "inf" if np.isinf(value) else f"{float(value):.4f}"
+        return str(value)
+
+
+#: The metric table, in display order: the one list the widget, the CLI and reports read.
+METRICS: tuple[Metric, ...] = (
+    Metric("dice", "higher"),
+    Metric("iou", "higher"),
+    Metric("pixel_accuracy", "higher"),
+    Metric("mean_pixel_accuracy", "higher"),
+    Metric("precision", "higher"),
+    Metric("recall", "higher"),
+    Metric("specificity", "higher"),
+    Metric("voe", "lower"),
+    Metric("rvd", "zero"),
+    Metric("hd", "lower", needs_spacing=True),
+    Metric("hd95", "lower", needs_spacing=True),
+    Metric("assd", "lower", needs_spacing=True),
+)
+METRIC: dict[str, Metric] = {m.name: m for m in METRICS}
+SUMMARY_KEYS: tuple[str, ...] = tuple(m.name for m in METRICS)
+DISTANCE_KEYS: tuple[str, ...] = tuple(m.name for m in METRICS if m.needs_spacing)
 
 
 def evaluate(
@@ -34,7 +84,8 @@ def evaluate(
     spacing : sequence of float, optional
         Voxel size per axis (``(z, y, x)``); distances are in its units.
     distances : bool
-        Compute ``hd``, ``hd95`` and ``assd`` (the costly part) per foreground class.
+        Compute the :data:`DISTANCE_KEYS` (``hd``, ``hd95``, ``assd``: the costly part) per
+        foreground class; without them those keys are None.
     per_slice : bool
         Also return ``per_slice``: a list with the overlap metrics of each slice along Z.
 
@@ -55,11 +106,11 @@ def evaluate(
     if distances:
         for c, entry in per_class.items():
             entry.update(surface_metrics(pred == c, ref == c, spacing=spacing))
-        for key in ("hd", "hd95", "assd"):
+        for key in DISTANCE_KEYS:
             values = [entry[key] for entry in per_class.values()]
             result[key] = float(np.mean(values)) if values else 0.0
     else:
-        for key in ("hd", "hd95", "assd"):
+        for key in DISTANCE_KEYS:
             result[key] = None
     if per_slice and pred.ndim >= 3:
         slices = slice_confusion(pred, ref, ids=ids)

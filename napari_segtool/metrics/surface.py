@@ -27,8 +27,6 @@ from scipy.spatial import cKDTree
 
 from napari_segtool.errors import InputError
 
-SURFACE_KEYS = ("hd", "hd95", "assd")
-
 
 def _bbox(mask: NDArray[np.bool_]) -> tuple[slice, ...] | None:
     """Tight bounding box of the True voxels, or None when there are none."""

@@ -16,7 +16,14 @@ from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
 from napari_segtool.io.memory import check_allocation
-from napari_segtool.metrics.overlap import check_pair, label_ids, label_index, overlap_metrics
+from napari_segtool.io.paint import paint_changes
+from napari_segtool.metrics.overlap import (
+    check_pair,
+    label_ids,
+    label_index,
+    macro_dice,
+    overlap_metrics,
+)
 
 Which = Literal["pred", "ref"]
 
@@ -174,20 +181,21 @@ class ConfusionTracker:
     def apply_atoms(self, atoms: Iterable[Any], *, which: Which = "pred") -> int:
         """Update the counts from napari paint-history atoms; return the voxels changed.
 
-        Each atom is either a tuple ``(indices, old_values, new_value)`` (``indices`` a tuple
-        of index arrays) or an object with ``slice_key`` (tuple of slices), ``mask`` (bool
-        array over that box, or None for all of it), ``old_values`` (the old values under the
-        mask) and ``new_value``.
+        Atoms are read by :func:`~napari_segtool.io.paint.paint_changes`: tuples
+        ``(indices, old_values, new_value)`` or objects with ``slice_key``, ``mask``,
+        ``old_values`` and ``new_value``.
         """
         n = 0
-        for atom in atoms:
-            if hasattr(atom, "slice_key"):  # a named tuple, so test this first
-                n += self.apply_box(
-                    atom.slice_key, atom.mask, atom.old_values, atom.new_value, which=which
+        for change in paint_changes(atoms):
+            if change.indices is not None:
+                n += self.apply_indices(
+                    change.indices, change.old_values, change.new_value, which=which
                 )
             else:
-                indices, old_values, new_value = atom
-                n += self.apply_indices(indices, old_values, new_value, which=which)
+                assert change.box is not None
+                n += self.apply_box(
+                    change.box, change.mask, change.old_values, change.new_value, which=which
+                )
         return n
 
     def apply_indices(
@@ -336,13 +344,4 @@ class ConfusionTracker:
 
     def slice_dice(self) -> NDArray[np.float64]:
         """Macro foreground Dice per slice (1.0 where a slice has no foreground at all)."""
-        cm = self.confusion
-        tp = np.diagonal(cm, axis1=1, axis2=2)[:, 1:].astype(np.float64)
-        pred_sz = cm.sum(1)[:, 1:]
-        ref_sz = cm.sum(2)[:, 1:]
-        den = pred_sz + ref_sz
-        present = den > 0
-        dice = np.where(present, 2 * tp / np.maximum(den, 1), 0.0)
-        n_present = present.sum(1)
-        mean = dice.sum(1) / np.maximum(n_present, 1)
-        return np.where(n_present > 0, mean, 1.0)
+        return macro_dice(self.confusion)

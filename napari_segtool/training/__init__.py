@@ -1,5 +1,6 @@
 """Training: patch sampling with an ignore mask, Dice + cross-entropy, a generator loop."""
 
+from napari_segtool.metrics.overlap import foreground_dice
 from napari_segtool.training.data import PatchSampler, augment
 from napari_segtool.training.finetune import (
     FinetuneResult,
@@ -11,9 +12,8 @@ from napari_segtool.training.finetune import (
 from napari_segtool.training.loop import (
     EpochReport,
     StepProgress,
-    evaluate,
-    foreground_dice,
     iter_train,
+    validation_scores,
 )
 from napari_segtool.training.losses import dice_ce_loss
 
@@ -25,10 +25,10 @@ __all__ = [
     "StepProgress",
     "augment",
     "dice_ce_loss",
-    "evaluate",
     "foreground_dice",
     "iter_finetune",
     "iter_train",
     "labelled_mask",
     "split_validation",
+    "validation_scores",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,41 +24,13 @@ from napari_segtool.config import FinetuneConfig, InferenceConfig, TrainingConfi
 from napari_segtool.errors import InputError
 from napari_segtool.inference.normalize import apply_range, check_values, percentile_range
 from napari_segtool.inference.predict import segment
+from napari_segtool.io.labelled import labelled_mask
 from napari_segtool.metrics.overlap import overlap_metrics
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.data import PatchSampler, labels_to_channels
 from napari_segtool.training.loop import EpochReport, StepProgress, iter_train
 
 logger = logging.getLogger(__name__)
-
-
-def labelled_mask(
-    shape: tuple[int, ...],
-    *,
-    changed: NDArray[np.bool_] | None = None,
-    reviewed: Iterable[int] = (),
-) -> NDArray[np.bool_]:
-    """The voxels whose labels count: those the user changed plus every reviewed slice.
-
-    For a 2D image any reviewed entry marks the whole image.
-
-    Examples
-    --------
-    >>> changed = np.zeros((3, 2, 2), bool); changed[0, 0, 0] = True
-    >>> labelled_mask((3, 2, 2), changed=changed, reviewed=[2]).sum(axis=(1, 2)).tolist()
-    [1, 0, 4]
-    """
-    mask = np.zeros(shape, bool) if changed is None else np.array(changed, bool, copy=True)
-    if mask.shape != tuple(shape):
-        raise InputError(f"changed mask {mask.shape} does not match the image {tuple(shape)}")
-    for z in reviewed:
-        if len(shape) == 2:
-            mask[...] = True
-        elif not 0 <= int(z) < shape[0]:
-            raise InputError(f"reviewed slice {z} is outside the stack of {shape[0]} slices")
-        else:
-            mask[int(z)] = True
-    return mask
 
 
 def split_validation(

@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 from napari_segtool.config import InferenceConfig, TrainingConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference.predict import resolve_device, segment
+from napari_segtool.metrics.overlap import foreground_dice
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.data import PatchSampler, labels_to_channels
 from napari_segtool.training.losses import dice_ce_loss
@@ -49,18 +50,7 @@ class EpochReport:
         return asdict(self)
 
 
-def foreground_dice(pred: NDArray, ref: NDArray, n_classes: int) -> float:
-    """Mean Dice over classes 1..n-1 present in either mask (1.0 if none is)."""
-    scores = []
-    for c in range(1, n_classes):
-        p, r = pred == c, ref == c
-        denom = int(p.sum()) + int(r.sum())
-        if denom:
-            scores.append(2.0 * int(np.count_nonzero(p & r)) / denom)
-    return float(np.mean(scores)) if scores else 1.0
-
-
-def evaluate(
+def validation_scores(
     model: SegmentationModel,
     validation: Sequence[tuple[NDArray, NDArray]],
     *,
@@ -184,7 +174,7 @@ def iter_train(
     if validator is None and validation:
 
         def validator(m: SegmentationModel) -> tuple[float, float]:
-            return evaluate(m, validation, inference=inference)
+            return validation_scores(m, validation, inference=inference)
 
     best_score = -math.inf
     best_state = None

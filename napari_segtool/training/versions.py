@@ -20,16 +20,14 @@ from napari_segtool.errors import InputError
 from napari_segtool.io.project import Project, ProjectState
 from napari_segtool.model.bundled import list_models, load_model
 from napari_segtool.model.checkpoint import SegmentationModel
-from napari_segtool.training.finetune import FinetuneResult, LabelledImage, labelled_mask
+from napari_segtool.training.finetune import FinetuneResult, LabelledImage
 
 logger = logging.getLogger(__name__)
 
 
 def training_data(image: NDArray, state: ProjectState) -> LabelledImage:
     """The image with the project's labels, counting only what the user changed or reviewed."""
-    changed = state.painted | (state.labels != state.machine)
-    mask = labelled_mask(state.labels.shape, changed=changed, reviewed=state.reviewed)
-    return LabelledImage(np.asarray(image), state.labels, mask)
+    return LabelledImage(np.asarray(image), state.labels, state.labelled())
 
 
 def current_model(project: Project, state: ProjectState) -> SegmentationModel:

@@ -10,7 +10,7 @@ from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.model import SegmentationModel
 from napari_segtool.training import LabelledImage, iter_finetune
 from napari_segtool.training.data import label_values_present, labels_to_channels
-from napari_segtool.training.loop import evaluate
+from napari_segtool.training.loop import validation_scores
 from tests.training.conftest import blobs
 
 FAST = FinetuneConfig(epochs=3, steps_per_epoch=10, batch_size=4, learning_rate=1e-2,
@@ -72,7 +72,7 @@ def test_sparse_ids_train_as_three_classes_and_segment_to_the_same_ids():
     assert set(np.unique(pred).tolist()) <= {0, 5, 117}
     assert 117 in pred
     # the loop's own evaluation reads label values too
-    dice, err = evaluate(result.model, [(image[0], labels[0])], inference=InferenceConfig())
+    dice, err = validation_scores(result.model, [(image[0], labels[0])], inference=InferenceConfig())
     assert dice > 0.5
     assert err < 0.2
 
