@@ -16,8 +16,11 @@ from napari_segtool.errors import InputError
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Norm = Literal["batch", "instance", "group", "none"]
+Architecture = Literal["unet", "resunet"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 NORMS: tuple[str, ...] = ("batch", "instance", "group", "none")
+ARCHITECTURES: tuple[str, ...] = ("unet", "resunet")
+"""Network architectures a model may use; each is built by :mod:`napari_segtool.model.registry`."""
 MAX_IN_CHANNELS = 64
 """Most image channels a model may read."""
 MAX_CLASSES = 256
@@ -28,7 +31,7 @@ MAX_BASE_FEATURES = 256
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a U-Net.
+    """Architecture of a segmentation network: which one, and its parameters.
 
     Attributes
     ----------
@@ -45,12 +48,17 @@ class ModelConfig:
     base_features : int
         Feature maps at the first level; doubled at each level down (at most
         ``MAX_BASE_FEATURES``; the network's total size is bounded too, see
-        :func:`napari_segtool.model.unet.state_size`).
+        :func:`napari_segtool.model.registry.state_size`).
     norm : {"batch", "instance", "group", "none"}
         Normalisation after each convolution. ``"batch"`` (with running statistics at
         inference) makes every tile's prediction independent of its neighbours.
     dropout : float
         Dropout probability in the two deepest levels (0 disables it).
+    architecture : {"unet", "resunet"}
+        ``"unet"``: two 3x3(x3) convolutions per level (Ronneberger et al. 2015).
+        ``"resunet"``: the same encoder/decoder with each level's two convolutions wrapped in
+        a residual block (a 1x1 projection where the channel count changes). Model files
+        written before this field existed are ``"unet"``.
     """
 
     spatial_dims: int = 2
@@ -60,8 +68,13 @@ class ModelConfig:
     base_features: int = 16
     norm: Norm = "batch"
     dropout: float = 0.0
+    architecture: Architecture = "unet"
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise InputError(
+                f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
         for name in ("spatial_dims", "in_channels", "out_channels", "depth", "base_features"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer):

@@ -42,6 +42,18 @@ BUNDLED: tuple[ModelEntry, ...] = (
         None,
         ModelConfig(spatial_dims=3, depth=4, base_features=8),
     ),
+    ModelEntry(
+        "new-resunet-2d",
+        "new, untrained 2D residual U-Net (1 channel, 2 classes): start from corrections",
+        None,
+        ModelConfig(spatial_dims=2, architecture="resunet"),
+    ),
+    ModelEntry(
+        "new-resunet-3d",
+        "new, untrained 3D residual U-Net (1 channel, 2 classes): start from corrections",
+        None,
+        ModelConfig(spatial_dims=3, depth=4, base_features=8, architecture="resunet"),
+    ),
 )
 
 
@@ -56,8 +68,8 @@ def load_model(name_or_path: str | os.PathLike[str]) -> SegmentationModel:
     Parameters
     ----------
     name_or_path : str or PathLike
-        A name from :func:`list_models` (``"em-membranes-2d"``, ``"new-2d"``, ``"new-3d"``) or
-        the path of a model file.
+        A name from :func:`list_models` (``"em-membranes-2d"``, ``"new-2d"``, ``"new-3d"``,
+        ``"new-resunet-2d"``, ``"new-resunet-3d"``) or the path of a model file.
 
     Raises
     ------

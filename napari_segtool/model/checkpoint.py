@@ -1,22 +1,8 @@
-"""Model files: everything needed to rebuild and use a network, loaded without running code.
+"""A segmentation network with what is needed to apply it, saved to and loaded from a file.
 
-A model file is a ``torch.save`` archive holding only a dict of plain values and tensors::
-
-    {"format": "napari-segtool-model", "format_version": 1,
-     "metadata": "<JSON text>", "metadata_sha256": "<hex>", "state_dict": {name: tensor}}
-
-It is read with ``torch.load(weights_only=True)``, which refuses pickled Python objects, so a
-shared model file cannot execute code on load. The JSON metadata holds the architecture
-(:class:`~napari_segtool.config.ModelConfig`), intensity normalisation, class names, spatial
-dims, default tile shape, the label value of each output channel, what the model was trained
-on and its training history.
-
-Integrity: torch's zip reader does not check CRCs, so a file damaged inside a tensor record
-loads without complaint. The metadata therefore holds ``weights_sha256``, a SHA-256 over the
-weights (:func:`weights_digest`), and ``metadata_sha256`` covers the metadata text; both are
-checked on load. Files written before the checksums (no such keys) still load; for every file
-the weights must be finite, and the stored architecture must account for exactly the number of
-values in the file before the network is built, so a small file cannot ask for a huge one.
+The file layout, its versions and every check made on load are described in
+:mod:`napari_segtool.model.modelfile`; the network is any architecture in
+:mod:`napari_segtool.model.registry`, named by ``ModelConfig.architecture``.
 """
 
 from __future__ import annotations
@@ -27,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +22,24 @@ import torch
 from napari_segtool.config import ModelConfig, NormalizationConfig
 from napari_segtool.errors import CheckpointError
 from napari_segtool.io.atomic import atomic_path
-from napari_segtool.model.unet import UNet, state_size
+from napari_segtool.model.modelfile import (
+    FORMAT,
+    FORMAT_VERSION,
+    build_loaded,
+    non_finite,
+    read_configs,
+    read_metadata,
+    read_payload,
+    read_state,
+    weights_digest,
+)
+from napari_segtool.model.registry import build_network
+from napari_segtool.model.unet import UNet
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "SegmentationModel", "weights_digest"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "napari-segtool-model"
-FORMAT_VERSION = 1  # the checksums and label_values are optional metadata: no new version
 MAX_TILE = 4096
 """Largest default tile edge a model file may ask for."""
 MAX_LABEL_VALUE = 2**32 - 1
@@ -52,12 +48,13 @@ MAX_LABEL_VALUE = 2**32 - 1
 
 @dataclass
 class SegmentationModel:
-    """A U-Net together with what is needed to apply it to raw images.
+    """A network together with what is needed to apply it to raw images.
 
     Attributes
     ----------
     network : UNet
-        The network; its ``config`` is the architecture.
+        The network (a :class:`~napari_segtool.model.unet.UNet` or a subclass of it, one per
+        registered architecture); its ``config`` is the architecture, name included.
     normalization : NormalizationConfig
         Percentile normalisation applied to every image before the network sees it.
     class_names : tuple of str
@@ -144,7 +141,10 @@ class SegmentationModel:
         name: str = "new model",
         label_values: tuple[int, ...] | None = None,
     ) -> SegmentationModel:
-        """An untrained model with freshly initialised weights (seeded for reproducibility).
+        """An untrained model of the architecture ``config`` names, with fresh weights.
+
+        The weights are drawn from torch's RNG seeded with ``seed`` (``None``: unseeded) in a
+        forked RNG state, so the caller's global RNG is left as it was.
 
         ``label_values`` gives the label value of each output channel (see the class
         attribute; default ``0 .. out_channels - 1``); with it, the default class names are
@@ -157,14 +157,16 @@ class SegmentationModel:
                 f"{config.out_channels} output channels"
             )
         values = tuple(range(config.out_channels)) if label_values is None else label_values
-        if seed is not None:
-            torch.manual_seed(seed)
         if class_names is None:
             class_names = ("background", *(f"class {v}" for v in values[1:]))
         if tile_shape is None:
             tile_shape = (256, 256) if config.spatial_dims == 2 else (32, 128, 128)
+        with torch.random.fork_rng(devices=[]):  # seeded here, the caller's RNG untouched
+            if seed is not None:
+                torch.manual_seed(seed)
+            network = build_network(config)
         return cls(
-            network=UNet(config),
+            network=network,
             class_names=class_names,
             tile_shape=tile_shape,
             name=name,
@@ -198,7 +200,7 @@ class SegmentationModel:
         """Write the model file atomically (a crash mid-save leaves any old file intact)."""
         p = Path(path)
         state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
-        bad = _non_finite(state)
+        bad = non_finite(state)
         if bad is not None:
             raise CheckpointError(
                 f"{p}: refusing to save model {self.name!r}: its weights hold NaN or infinite "
@@ -222,114 +224,24 @@ class SegmentationModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SegmentationModel:
-        """Rebuild a model from a file written by :meth:`save`.
+        """Rebuild a model from a file written by :meth:`save` (or by an older version).
 
         Raises
         ------
         CheckpointError
             Naming the file and the problem: missing, not a PyTorch archive, damaged, holding
             Python objects (refused, never executed), not a napari-segtool model, written by a
-            newer format version, failing its checksums, an architecture out of bounds or
-            that does not account for the weights in the file (checked before the network is
-            built), non-finite weights, or weights that do not fit the stored architecture.
+            newer format version, failing its checksums, naming an architecture this version
+            does not know, an architecture out of bounds or that does not account for the
+            weights in the file (checked before the network is built), non-finite weights, or
+            weights that do not fit the stored architecture.
         """
         p = Path(path)
-        if not p.exists():
-            raise CheckpointError(f"{p}: no such model file")
-        if p.is_dir():
-            raise CheckpointError(f"{p}: is a folder, expected a model file")
-        if not zipfile.is_zipfile(p):
-            raise CheckpointError(
-                f"{p}: damaged or not a PyTorch file (not a zip archive as torch.save writes)"
-            )
-        try:
-            payload = torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            msg = str(exc)
-            if "weights_only" in msg or "Unsupported global" in msg:
-                raise CheckpointError(
-                    f"{p}: holds Python objects other than tensors and plain values; "
-                    "refusing to load it because that could run code from the file"
-                ) from exc
-            raise CheckpointError(f"{p}: damaged or not a PyTorch file ({msg[:200]})") from exc
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"{p}: damaged or not a PyTorch file ({str(exc).splitlines()[0][:200]})"
-            ) from exc
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
-            raise CheckpointError(
-                f"{p}: not a napari-segtool model file (found {keys}); "
-                "models from other tools must be converted first"
-            )
-        version = payload.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(
-                f"{p}: model format version {version!r} is newer than this napari-segtool "
-                f"understands ({FORMAT_VERSION}); update napari-segtool"
-            )
-        text = payload.get("metadata")
-        stored = payload.get("metadata_sha256")
-        if stored is not None and (
-            not isinstance(text, str) or hashlib.sha256(text.encode()).hexdigest() != stored
-        ):
-            raise CheckpointError(
-                f"{p}: damaged model metadata (it does not match the checksum stored with "
-                "it); restore the file from a copy"
-            )
-        try:
-            meta = json.loads(text)  # type: ignore[arg-type]
-            if not isinstance(meta, dict):
-                raise TypeError(f"metadata is a {type(meta).__name__}, not a JSON object")
-            config = ModelConfig.from_dict(meta["model_config"])
-            norm = NormalizationConfig(**meta["normalization"])
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{p}: damaged model metadata ({exc})") from exc
-        state = payload.get("state_dict")
-        if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-        ):
-            raise CheckpointError(f"{p}: no weights in the model file")
-        # before building anything: the architecture must account for the file's weights
-        needed = state_size(config)
-        held = sum(int(v.numel()) for v in state.values())
-        if needed != held:
-            raise CheckpointError(
-                f"{p}: weights do not fit the stored architecture (base_features="
-                f"{config.base_features}, depth={config.depth}, spatial_dims="
-                f"{config.spatial_dims} needs {needed:,} values, the file holds {held:,}); "
-                "the metadata is damaged or belongs to another model"
-            )
-        digest = meta.get("weights_sha256")
-        if digest is not None and digest != weights_digest(state):
-            raise CheckpointError(
-                f"{p}: damaged: the weights do not match the checksum stored in the file; "
-                "restore it from a copy or train the model again"
-            )
-        bad = _non_finite(state)
-        if bad is not None:
-            raise CheckpointError(
-                f"{p}: weights hold NaN or infinite values ({bad!r}): the file is damaged or "
-                "comes from a training run that diverged; use another model file"
-            )
-        try:
-            network = UNet(config)
-        except ValueError as exc:
-            raise CheckpointError(f"{p}: {exc}") from exc
-        missing, unexpected = _key_mismatch(network, state)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{p}: weights do not fit the stored architecture "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()
-            raise CheckpointError(
-                f"{p}: weights do not fit the stored architecture ({first[-1].strip()[:200]})"
-            ) from exc
-        network.eval()
+        payload = read_payload(p)
+        meta = read_metadata(p, payload)
+        config, norm = read_configs(p, meta)
+        state = read_state(p, payload, config, weights_sha256=meta.get("weights_sha256"))
+        network = build_loaded(p, config, state)
         try:
             return cls(
                 network=network,
@@ -350,33 +262,6 @@ class SegmentationModel:
             raise CheckpointError(f"{p}: damaged model metadata ({exc})") from exc
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) over a state dict: every tensor's name, dtype, shape and bytes, by name.
-
-    Examples
-    --------
-    >>> a = {"w": torch.zeros(2), "b": torch.ones(1)}
-    >>> weights_digest(a) == weights_digest(dict(reversed(a.items())))
-    True
-    >>> weights_digest(a) == weights_digest({"w": torch.zeros(2), "b": torch.zeros(1)})
-    False
-    """
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _non_finite(state: dict[str, torch.Tensor]) -> str | None:
-    """Name of the first floating-point tensor holding NaN or infinity, or None."""
-    for name, t in state.items():
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -390,9 +275,3 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_to_cpu(v) for v in value)
     return value
-
-
-def _key_mismatch(network: torch.nn.Module, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    expected = set(network.state_dict())
-    got = set(state)
-    return sorted(expected - got), sorted(got - expected)

@@ -1,8 +1,15 @@
-"""One U-Net class for 2D and 3D images, chosen by ``spatial_dims``."""
+"""One U-Net class for 2D and 3D images, chosen by ``spatial_dims``.
+
+Its encoder/decoder is shared: another architecture (:mod:`napari_segtool.model.resunet`)
+subclasses :class:`UNet` with its own ``block`` and exact ``state_size``, and registers itself
+in :mod:`napari_segtool.model.registry`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -12,14 +19,14 @@ from napari_segtool.config import ModelConfig
 from napari_segtool.errors import InputError
 
 MAX_STATE_SIZE = 100_000_000
-"""Most values (weights and buffers) a U-Net may hold: 400 MB in float32."""
+"""Most values (weights and buffers) a network may hold: 400 MB in float32."""
 
 
-def _conv(spatial_dims: int) -> type[nn.Module]:
+def conv_class(spatial_dims: int) -> type[nn.Module]:
     return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
 
 
-def _norm(config: ModelConfig, channels: int) -> nn.Module:
+def norm_layer(config: ModelConfig, channels: int) -> nn.Module:
     if config.norm == "batch":
         return (nn.BatchNorm2d if config.spatial_dims == 2 else nn.BatchNorm3d)(channels)
     if config.norm == "instance":
@@ -28,6 +35,32 @@ def _norm(config: ModelConfig, channels: int) -> nn.Module:
     if config.norm == "group":
         return nn.GroupNorm(math.gcd(8, channels), channels)
     return nn.Identity()
+
+
+def conv_size(config: ModelConfig, cin: int, cout: int, kernel: int) -> int:
+    """Values in one convolution of this package's networks (a bias only without norm)."""
+    return cin * cout * kernel**config.spatial_dims + (cout if config.norm == "none" else 0)
+
+
+def norm_size(config: ModelConfig, channels: int) -> int:
+    """Values in one normalisation layer: affine weights and, for batch norm, its buffers."""
+    per_channel = {"batch": 4, "instance": 2, "group": 2, "none": 0}[config.norm]
+    return per_channel * channels + (1 if config.norm == "batch" else 0)
+
+
+def encoder_decoder_size(config: ModelConfig, block_size: Callable[[int, int], int]) -> int:
+    """Values in a U-shaped network whose levels are blocks of ``block_size(cin, cout)`` values.
+
+    Counts one block per encoder level, and per decoder level a 2x transposed convolution
+    (with bias) and a block over the concatenated skip, then the 1x1 head (with bias).
+    """
+    feats = config.features
+    total = block_size(config.in_channels, feats[0])
+    for level in range(1, config.depth):
+        total += block_size(feats[level - 1], feats[level])  # encoder
+        up = feats[level] * feats[level - 1] * 2**config.spatial_dims + feats[level - 1]
+        total += up + block_size(2 * feats[level - 1], feats[level - 1])  # upsample, decoder
+    return total + feats[0] * config.out_channels + config.out_channels  # head
 
 
 def state_size(config: ModelConfig) -> int:
@@ -43,32 +76,23 @@ def state_size(config: ModelConfig) -> int:
     >>> state_size(cfg) == sum(t.numel() for t in UNet(cfg).state_dict().values())
     True
     """
-    k = 3**config.spatial_dims
-    bias = config.norm == "none"
-    per_norm = {"batch": 4, "instance": 2, "group": 2, "none": 0}[config.norm]
 
     def block(cin: int, cout: int) -> int:
-        convs = cin * cout * k + cout * cout * k + (2 * cout if bias else 0)
-        return convs + 2 * (per_norm * cout + (1 if config.norm == "batch" else 0))
+        convs = conv_size(config, cin, cout, 3) + conv_size(config, cout, cout, 3)
+        return convs + 2 * norm_size(config, cout)
 
-    feats = config.features
-    total = block(config.in_channels, feats[0])
-    for level in range(1, config.depth):
-        total += block(feats[level - 1], feats[level])  # encoder
-        up = feats[level] * feats[level - 1] * 2**config.spatial_dims + feats[level - 1]
-        total += up + block(2 * feats[level - 1], feats[level - 1])  # upsample and decoder
-    return total + feats[0] * config.out_channels + config.out_channels  # head
+    return encoder_decoder_size(config, block)
 
 
 class ConvBlock(nn.Sequential):
     """Two 3x3(x3) convolutions, each followed by normalisation and LeakyReLU."""
 
     def __init__(self, config: ModelConfig, in_ch: int, out_ch: int, dropout: float = 0.0):
-        conv = _conv(config.spatial_dims)
+        conv = conv_class(config.spatial_dims)
         bias = config.norm == "none"
         layers: list[nn.Module] = [
             conv(in_ch, out_ch, kernel_size=3, padding=1, bias=bias),
-            _norm(config, out_ch),
+            norm_layer(config, out_ch),
             nn.LeakyReLU(0.01, inplace=True),
         ]
         if dropout > 0:
@@ -76,7 +100,7 @@ class ConvBlock(nn.Sequential):
             layers.append(drop(dropout))
         layers += [
             conv(out_ch, out_ch, kernel_size=3, padding=1, bias=bias),
-            _norm(config, out_ch),
+            norm_layer(config, out_ch),
             nn.LeakyReLU(0.01, inplace=True),
         ]
         super().__init__(*layers)
@@ -106,13 +130,24 @@ class UNet(nn.Module):
     torch.Size([1, 2, 37, 21])
     """
 
+    architecture: ClassVar[str] = "unet"
+    """The name this class is registered under (``ModelConfig.architecture``)."""
+    block: ClassVar[type[nn.Module]] = ConvBlock
+    """The block each level applies: ``block(config, in_ch, out_ch, dropout)``."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        size = state_size(config)
+        if config.architecture != self.architecture:
+            raise InputError(
+                f"{type(self).__name__} builds architecture {self.architecture!r}, the config "
+                f"names {config.architecture!r}; build it with "
+                "napari_segtool.model.registry.build_network(config)"
+            )
+        size = self.state_size(config)
         if size > MAX_STATE_SIZE:
             raise InputError(
-                f"a U-Net with base_features={config.base_features}, depth={config.depth}, "
-                f"spatial_dims={config.spatial_dims} has {size:,} weights "
+                f"a {self.architecture} network with base_features={config.base_features}, "
+                f"depth={config.depth}, spatial_dims={config.spatial_dims} has {size:,} weights "
                 f"({size * 4 / 2**30:.1f} GiB); at most {MAX_STATE_SIZE:,} are allowed: "
                 "lower base_features or depth"
             )
@@ -123,7 +158,7 @@ class UNet(nn.Module):
         in_ch = config.in_channels
         for level, ch in enumerate(feats):
             drop = config.dropout if level >= deep and level > 0 else 0.0
-            self.encoders.append(ConvBlock(config, in_ch, ch, drop))
+            self.encoders.append(self.block(config, in_ch, ch, drop))
             in_ch = ch
         pool = nn.MaxPool2d if config.spatial_dims == 2 else nn.MaxPool3d
         self.pool = pool(2)
@@ -132,8 +167,13 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList()
         for level in range(config.depth - 1, 0, -1):
             self.upsamples.append(up(feats[level], feats[level - 1], kernel_size=2, stride=2))
-            self.decoders.append(ConvBlock(config, 2 * feats[level - 1], feats[level - 1]))
-        self.head = _conv(config.spatial_dims)(feats[0], config.out_channels, kernel_size=1)
+            self.decoders.append(self.block(config, 2 * feats[level - 1], feats[level - 1]))
+        self.head = conv_class(config.spatial_dims)(feats[0], config.out_channels, kernel_size=1)
+
+    @staticmethod
+    def state_size(config: ModelConfig) -> int:
+        """Values in the ``state_dict`` of this class built from ``config`` (see module docs)."""
+        return state_size(config)
 
     @property
     def size_multiple(self) -> int:
@@ -143,13 +183,14 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = self.config.spatial_dims
         if x.ndim != nd + 2:
+            axes = "Z, Y, X" if nd == 3 else "Y, X"
             raise ValueError(
-                f"UNet(spatial_dims={nd}) expects a (B, C, {'Z, ' if nd == 3 else ''}Y, X) "
-                f"tensor, got shape {tuple(x.shape)}"
+                f"{type(self).__name__}(spatial_dims={nd}) expects a (B, C, {axes}) tensor, "
+                f"got shape {tuple(x.shape)}"
             )
         if x.shape[1] != self.config.in_channels:
             raise ValueError(
-                f"UNet expects {self.config.in_channels} input channel(s), "
+                f"{type(self).__name__} expects {self.config.in_channels} input channel(s), "
                 f"got {x.shape[1]} (tensor shape {tuple(x.shape)})"
             )
         spatial = x.shape[2:]

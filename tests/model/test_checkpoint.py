@@ -9,7 +9,7 @@ import torch
 
 from napari_segtool.config import ModelConfig, NormalizationConfig
 from napari_segtool.errors import CheckpointError
-from napari_segtool.model import SegmentationModel, list_models, load_model
+from napari_segtool.model import SegmentationModel, UNet, list_models, load_model
 from napari_segtool.model.bundled import WEIGHTS_DIR
 from napari_segtool.model.checkpoint import FORMAT_VERSION, weights_digest
 
@@ -226,10 +226,10 @@ def test_small_file_claiming_a_huge_architecture_is_refused_before_building(
     del payload["metadata_sha256"]
     meta = json.loads(payload["metadata"])
 
-    def no_build(config):
+    def no_build(self, config):
         raise AssertionError(f"built a network for {config}")
 
-    monkeypatch.setattr("napari_segtool.model.checkpoint.UNet", no_build)
+    monkeypatch.setattr(UNet, "__init__", no_build)  # every architecture's constructor
     for change, message in [
         ({"base_features": 512, "depth": 6}, "base_features must be between 1 and 256"),
         ({"base_features": 256, "depth": 6}, r"needs 1,?\d{3},\d{3},\d{3} values, the file holds"),
