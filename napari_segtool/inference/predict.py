@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Generator
@@ -14,10 +13,19 @@ from numpy.typing import NDArray
 
 from napari_segtool.config import InferenceConfig
 from napari_segtool.errors import InputError
+from napari_segtool.inference.layout import channels_first
 from napari_segtool.inference.normalize import apply_range, check_values, percentile_range
+from napari_segtool.inference.outputs import (
+    Outputs,
+    Segmentation,
+    argmax_channels,
+    normalized_entropy,
+)
+from napari_segtool.inference.predictor import make_predictor, resolve_device
 from napari_segtool.inference.tiling import (
-    Predictor,
+    TileProgress,
     iter_sliding_window,
+    relay,
     run_to_end,
     tile_grid,
 )
@@ -25,6 +33,19 @@ from napari_segtool.io.memory import check_allocation
 from napari_segtool.model.checkpoint import SegmentationModel
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHUNK_VOXELS",
+    "Progress",
+    "Segmentation",
+    "argmax_channels",
+    "iter_segment",
+    "make_predictor",
+    "normalized_entropy",
+    "resolve_device",
+    "segment",
+    "segment_memory",
+]
 
 # Slices of a stack handled per chunk by a 2D model: bounds the float32 accumulators to about
 # this many voxels times the number of classes.
@@ -41,165 +62,6 @@ class Progress:
     @property
     def fraction(self) -> float:
         return self.done / self.total if self.total else 1.0
-
-
-@dataclass(frozen=True)
-class Segmentation:
-    """Result of :func:`segment`.
-
-    Attributes
-    ----------
-    labels : ndarray of uint8 (uint16, uint32 for label values beyond 255, 65535)
-        The label value per voxel, the image's spatial shape: channel ``i``'s winners get
-        ``model.label_values[i]`` (``i`` itself for models with values ``0 .. C-1``).
-    probabilities : ndarray of float32 or None
-        ``(n_classes, *spatial)`` class probabilities when asked for, one per output
-        channel (channel ``i`` is label value ``model.label_values[i]``).
-    uncertainty : ndarray of float32 or None
-        With test-time augmentation: the predictive entropy of the flip-averaged probabilities
-        divided by ``log(n_classes)``, so 0 is certain and 1 is uniform.
-    device : str
-        The device that ran the network.
-    disagreement : ndarray of float32 or None
-        With test-time augmentation: the share of flips whose class differs from the
-        majority's (0: all agree; at most ``1 - 1/flips``), blended across tiles.
-    """
-
-    labels: NDArray
-    probabilities: NDArray[np.float32] | None
-    uncertainty: NDArray[np.float32] | None
-    device: str
-    disagreement: NDArray[np.float32] | None = None
-
-
-def resolve_device(device: str) -> torch.device:
-    """Turn ``"auto" | "cpu" | "cuda" | "mps"`` into a usable :class:`torch.device`.
-
-    Raises
-    ------
-    InputError
-        If an accelerator is asked for by name but is not available.
-    """
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            "device 'cuda' requested but this torch has no usable CUDA GPU; "
-            "use device 'auto' or 'cpu'"
-        )
-    if device == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise InputError(
-            "device 'mps' requested but Apple MPS is not available; use device 'auto' or 'cpu'"
-        )
-    if device not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'")
-    return torch.device(device)
-
-
-def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
-    axes = list(range(2, 2 + spatial_dims))
-    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
-
-
-def make_predictor(
-    model: SegmentationModel,
-    device: torch.device,
-    *,
-    amp: bool = True,
-    tta: bool = False,
-    disagreement: bool = False,
-    dropout: bool = False,
-) -> Predictor:
-    """A tile predictor returning softmax probabilities as float32.
-
-    With ``tta`` the probabilities are averaged over every combination of spatial flips
-    (4 in 2D, 8 in 3D). With ``disagreement`` (and ``tta``) one more channel is appended:
-    the share of flips whose predicted class differs from the majority class (0 when all
-    flips agree). With ``amp`` on CUDA the network runs under float16 autocast.
-    """
-    net = model.network.to(device).eval()
-    if dropout:  # Monte Carlo dropout: sample a different sub-network per call
-        for m in net.modules():
-            if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d | torch.nn.Dropout3d):
-                m.train()
-    use_amp = amp and device.type == "cuda"
-    flips = _flip_sets(model.spatial_dims) if tta else [()]
-    n_classes = model.config.out_channels
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            total = None
-            votes = None
-            for dims in flips:
-                xi = torch.flip(x, dims) if dims else x
-                p = torch.softmax(net(xi).float(), dim=1)
-                if dims:
-                    p = torch.flip(p, dims)
-                total = p if total is None else total + p
-                if disagreement:
-                    v = torch.nn.functional.one_hot(p.argmax(1), n_classes).movedim(-1, 1)
-                    votes = v.float() if votes is None else votes + v
-        assert total is not None
-        mean = total / len(flips) if len(flips) > 1 else total
-        if not disagreement:
-            return mean
-        assert votes is not None
-        dis = 1.0 - votes.amax(dim=1, keepdim=True) / len(flips)
-        return torch.cat([mean, dis], dim=1)
-
-    return predict
-
-
-def _layout(
-    image: NDArray, spatial_dims: int, in_channels: int, channel_axis: int | None, rgb: bool | None
-) -> tuple[NDArray, int | None]:
-    """Return the image with channels last moved first (or None) and its channel axis."""
-    if rgb is None:
-        rgb = (
-            channel_axis is None
-            and image.ndim == 3
-            and image.shape[-1] in (3, 4)
-            and (image.shape[0] > 4)
-        )
-    if rgb:
-        if image.shape[-1] not in (3, 4):
-            raise InputError(
-                f"an RGB image needs 3 or 4 values on its last axis, got {image.shape}"
-            )
-        channel_axis = image.ndim - 1
-    if channel_axis is not None:
-        ca = channel_axis % image.ndim
-        image = np.moveaxis(image, ca, 0)
-        spatial = image.ndim - 1
-        channels = image.shape[0]
-        if rgb and channels == 4 and in_channels == 3:
-            image, channels = image[:3], 3  # drop alpha
-    else:
-        spatial = image.ndim
-        channels = 1
-    if spatial > 3:
-        raise InputError(
-            f"image of shape {image.shape} has {spatial} spatial axes; napari-segtool handles "
-            "(Y, X) and (Z, Y, X). For a time series or a multichannel stack say which axis holds "
-            "channels (channel_axis / --channel-axis) or pick one time point"
-        )
-    if spatial < 2:
-        raise InputError(f"image of shape {image.shape} has fewer than 2 spatial axes")
-    if channels != in_channels:
-        raise InputError(
-            f"the model expects {in_channels} input channel(s) but the image has {channels} "
-            f"(shape {image.shape}{', RGB' if rgb else ''}); pick a model made for "
-            f"{channels}-channel images or convert the image"
-        )
-    if spatial_dims == 3 and spatial == 2:
-        pass  # a 3D model on one plane: treated as a 1-slice stack
-    return image, (0 if channel_axis is not None else None)
 
 
 SEGMENT_MEMORY_HINT = (
@@ -289,7 +151,9 @@ def iter_segment(
     Returns
     -------
     Segmentation
-        Through ``StopIteration.value``; closing the generator cancels the run.
+        The generator's return value (:func:`segment` and
+        :func:`~napari_segtool.inference.tiling.run_to_end` hand it over); closing the
+        generator cancels the run.
 
     Raises
     ------
@@ -298,77 +162,26 @@ def iter_segment(
         many axes) and for unusable options.
     """
     cfg = config or InferenceConfig()
-    image = np.asarray(image)
-    net_cfg = model.config
-    data, ch_axis = _layout(image, net_cfg.spatial_dims, net_cfg.in_channels, channel_axis, rgb)
-    check_values(data)
-    if value_range is None:
-        lo, hi = percentile_range(data, model.normalization, channel_axis=ch_axis)
-    else:
-        lo, hi = value_range
-    if ch_axis is None:
-        data = data[np.newaxis]  # (C=1, *spatial)
+    data, (lo, hi) = _input(image, model, channel_axis, rgb, value_range)
     spatial = data.shape[1:]
-    tile = tuple(cfg.tile_shape or model.tile_shape)
-    sd = net_cfg.spatial_dims
-    if len(tile) != sd:
-        raise InputError(
-            f"tile_shape {tile} has {len(tile)} axes but the model is {sd}D; give "
-            f"{'(Y, X)' if sd == 2 else '(Z, Y, X)'}"
-        )
-    check_allocation(
-        segment_memory(
-            spatial,
-            spatial_dims=sd,
-            in_channels=data.shape[0],
-            n_classes=net_cfg.out_channels,
-            config=cfg,
-            return_probabilities=return_probabilities,
-        ),
-        what=f"segmenting a {' x '.join(map(str, spatial))} image",
-        hint=SEGMENT_MEMORY_HINT,
-    )
+    tile = _tile_shape(cfg, model)
+    _check_memory(spatial, model, data.shape[0], cfg, return_probabilities)
     device = resolve_device(cfg.device)
     predictor = make_predictor(
         model, device, amp=cfg.amp, tta=cfg.tta, disagreement=cfg.tta, dropout=cfg.mc_dropout
     )
-    n_classes = net_cfg.out_channels
-    n_out = n_classes + (1 if cfg.tta else 0)
+    n_out = model.config.out_channels + (1 if cfg.tta else 0)
 
     def preprocess(raw: NDArray) -> NDArray:
         return apply_range(raw, lo, hi, channel_axis=1)
 
-    # arrange as (N, C, *S) items for the tiler
-    if sd == 2 and len(spatial) == 3:
-        items = np.moveaxis(data, 1, 0)  # (Z, C, Y, X): slices are independent images
-        plane = spatial[1] * spatial[2]
-        chunk = max(cfg.batch_size, min(spatial[0], math.ceil(CHUNK_VOXELS / plane)))
-        chunks = [(z, min(z + chunk, spatial[0])) for z in range(0, spatial[0], chunk)]
-    else:
-        items = data[np.newaxis]
-        if sd == 3 and len(spatial) == 2:
-            items = items[:, :, np.newaxis]  # one-slice stack
-        chunks = [(0, 1)]
-    item_spatial = items.shape[2:]
-    values = model.label_values or tuple(range(n_classes))
-    top = max(values)
-    label_dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
-    # channel index -> the user's label value (None when they are the same)
-    lut = None if values == tuple(range(n_classes)) else np.asarray(values, label_dtype)
-    labels = np.empty((items.shape[0], *item_spatial), label_dtype)
-    probs = (
-        np.empty((n_classes, items.shape[0], *item_spatial), np.float32)
-        if return_probabilities
-        else None
-    )
-    unc = np.empty((items.shape[0], *item_spatial), np.float32) if cfg.tta else None
-    dis = np.empty((items.shape[0], *item_spatial), np.float32) if cfg.tta else None
-    eff_tile = tuple(min(t, s) for t, s in zip(tile, item_spatial, strict=True))
-    per_item = len(tile_grid(item_spatial, eff_tile, cfg.overlap))
+    items, chunks = _items_and_chunks(data, model.spatial_dims, cfg.batch_size)
+    outputs = Outputs.empty(items.shape, model, tta=cfg.tta, probabilities=return_probabilities)
+    eff_tile = tuple(min(t, s) for t, s in zip(tile, items.shape[2:], strict=True))
+    per_item = len(tile_grid(items.shape[2:], eff_tile, cfg.overlap))
     total = per_item * items.shape[0]
-    done = 0
     for a, b in chunks:
-        gen = iter_sliding_window(
+        windows = iter_sliding_window(
             items[a:b],
             predictor,
             tile_shape=tile,
@@ -379,72 +192,85 @@ def iter_segment(
             device=device,
             preprocess=preprocess,
         )
-        try:
-            while True:
-                step = next(gen)
-                yield Progress(done + step.done, total)
-        except StopIteration as stop:
-            out = stop.value
-        finally:
-            gen.close()
-        done += (b - a) * per_item
-        if dis is not None:
-            dis[a:b] = out[:, n_classes]
-            out = out[:, :n_classes]
-        argmax_channels(out, out=labels[a:b])
-        if lut is not None:
-            labels[a:b] = lut[labels[a:b]]
-        if probs is not None:
-            probs[:, a:b] = np.moveaxis(out, 1, 0)
-        if unc is not None:
-            unc[a:b] = normalized_entropy(out, axis=1)
-        del out
+        done = a * per_item
+
+        def progress(step: TileProgress, done: int = done) -> Progress:
+            return Progress(done + step.done, total)
+
+        outputs.store(a, b, (yield from relay(windows, progress)))
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    # back to the image's own spatial shape (drops the item axis or the one-slice axis)
-    out_shape = spatial
-    labels = labels.reshape(out_shape)
-    if probs is not None:
-        probs = probs.reshape((n_classes, *out_shape))
-    if unc is not None:
-        unc = unc.reshape(out_shape)
-    if dis is not None:
-        dis = dis.reshape(out_shape)
-    return Segmentation(labels, probs, unc, str(device), dis)
+    return outputs.result(spatial, str(device))
 
 
-def argmax_channels(probs: NDArray, *, out: NDArray) -> NDArray:
-    """``argmax`` over axis 1 of ``(N, C, *S)`` written into ``out`` (any integer dtype).
+def _input(
+    image: NDArray,
+    model: SegmentationModel,
+    channel_axis: int | None,
+    rgb: bool | None,
+    value_range: tuple[NDArray, NDArray] | None,
+) -> tuple[NDArray, tuple[NDArray, NDArray]]:
+    """The image as ``(C, *spatial)``, checked, and the intensities mapped to 0 and 1."""
+    net_cfg = model.config
+    data, ch_axis = channels_first(
+        np.asarray(image), net_cfg.spatial_dims, net_cfg.in_channels, channel_axis, rgb
+    )
+    check_values(data)
+    if value_range is None:
+        value_range = percentile_range(data, model.normalization, channel_axis=ch_axis)
+    if ch_axis is None:
+        data = data[np.newaxis]  # (C=1, *spatial)
+    return data, value_range
 
-    Unlike ``np.argmax(...).astype(...)`` it needs no int64 temporary the size of the
-    output, only one float plane and one mask; ties go to the lower class, as in argmax.
 
-    >>> p = np.array([[[0.2, 0.5, 0.5]], [[0.8, 0.5, 0.4]]], np.float32)[None]
-    >>> argmax_channels(p[:, :, 0], out=np.empty((1, 3), np.uint8)).tolist()
-    [[1, 0, 0]]
+def _tile_shape(cfg: InferenceConfig, model: SegmentationModel) -> tuple[int, ...]:
+    tile = tuple(cfg.tile_shape or model.tile_shape)
+    sd = model.spatial_dims
+    if len(tile) != sd:
+        raise InputError(
+            f"tile_shape {tile} has {len(tile)} axes but the model is {sd}D; give "
+            f"{'(Y, X)' if sd == 2 else '(Z, Y, X)'}"
+        )
+    return tile
+
+
+def _check_memory(
+    spatial: tuple[int, ...],
+    model: SegmentationModel,
+    in_channels: int,
+    cfg: InferenceConfig,
+    return_probabilities: bool,
+) -> None:
+    need = segment_memory(
+        spatial,
+        spatial_dims=model.spatial_dims,
+        in_channels=in_channels,
+        n_classes=model.config.out_channels,
+        config=cfg,
+        return_probabilities=return_probabilities,
+    )
+    what = f"segmenting a {' x '.join(map(str, spatial))} image"
+    check_allocation(need, what=what, hint=SEGMENT_MEMORY_HINT)
+
+
+def _items_and_chunks(
+    data: NDArray, spatial_dims: int, batch_size: int
+) -> tuple[NDArray, list[tuple[int, int]]]:
+    """``(N, C, *S)`` items for the tiler and the ranges of items computed together.
+
+    A 2D model on a stack: the slices are independent items, a few per chunk (see
+    :data:`CHUNK_VOXELS`); otherwise one item (a 2D image for a 3D model is a 1-slice stack).
     """
-    best = np.array(probs[:, 0], copy=True)
-    out[...] = 0
-    for c in range(1, probs.shape[1]):
-        better = probs[:, c] > best
-        out[better] = c
-        np.copyto(best, probs[:, c], where=better)
-    return out
-
-
-def normalized_entropy(probabilities: NDArray, *, axis: int = 0) -> NDArray[np.float32]:
-    """Entropy of class probabilities divided by ``log(n_classes)``: 0 certain, 1 uniform.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> normalized_entropy(np.array([[1.0, 0.5], [0.0, 0.5]])).round(3)
-    array([0., 1.], dtype=float32)
-    """
-    p = np.clip(probabilities, 1e-12, 1.0)
-    n = probabilities.shape[axis]
-    h = -(p * np.log(p)).sum(axis=axis)
-    return (h / math.log(n)).astype(np.float32)
+    spatial = data.shape[1:]
+    if spatial_dims == 2 and len(spatial) == 3:
+        plane = spatial[1] * spatial[2]
+        chunk = max(batch_size, min(spatial[0], math.ceil(CHUNK_VOXELS / plane)))
+        chunks = [(z, min(z + chunk, spatial[0])) for z in range(0, spatial[0], chunk)]
+        return np.moveaxis(data, 1, 0), chunks  # (Z, C, Y, X)
+    items = data[np.newaxis]
+    if spatial_dims == 3 and len(spatial) == 2:
+        items = items[:, :, np.newaxis]  # one-slice stack
+    return items, [(0, 1)]
 
 
 def segment(
@@ -470,9 +296,4 @@ def segment(
     )
     if progress is None:
         return run_to_end(gen)
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        progress(p.done, p.total)
+    return run_to_end(gen, lambda p: progress(p.done, p.total))

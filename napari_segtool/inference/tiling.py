@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 Preprocess = Callable[[NDArray], NDArray]
+T = TypeVar("T")
+Y = TypeVar("Y")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,14 @@ def _blend_weights_cached(tile_shape: tuple[int, ...], mode: str) -> NDArray[np.
 def blend_weights(tile_shape: Sequence[int], mode: str = "gaussian") -> NDArray[np.float32]:
     """Per-voxel weight of a tile's prediction when overlapping tiles are averaged.
 
-    ``"gaussian"``: a separable Gaussian with ``sigma = 0.125 * tile`` per axis, 1 at the centre,
-    clipped below at 1e-4 (MONAI's default mode). ``"constant"``: all ones. Read-only.
+    ``"gaussian"`` (our default): a separable Gaussian with ``sigma = 0.125 * tile`` per axis,
+    1 at the centre, clipped below at 1e-4. ``"constant"``: all ones. Read-only.
+
+    Notes
+    -----
+    MONAI's ``sliding_window_inference`` defaults to ``mode="constant"`` (plain averaging);
+    its ``mode="gaussian"`` uses the same ``sigma_scale=0.125`` but clamps the weights below
+    at ``max(min, 1e-3)``. We default to the Gaussian, which hides tile seams.
     """
     return _blend_weights_cached(tuple(int(t) for t in tile_shape), mode)
 
@@ -144,12 +154,53 @@ def iter_sliding_window(
     Returns
     -------
     ndarray of float32, shape (N, out_channels, *S)
-        The blended predictions (returned through ``StopIteration.value``; see
-        :func:`sliding_window` for the plain-function form).
+        The blended predictions, as the generator's return value (:func:`run_to_end` hands
+        it over; :func:`sliding_window` is the plain-function form).
     """
-    if images.ndim < 3:
-        raise InputError(f"images must be (N, C, *spatial), got shape {images.shape}")
-    spatial = tuple(images.shape[2:])
+    plan = _plan(images.shape, tile_shape, overlap, blend)
+    acc = np.zeros((images.shape[0], out_channels, *plan.spatial), np.float32)
+    weighted = np.empty((out_channels, *plan.eff_tile), np.float32)
+    dev = torch.device(device)
+    total = len(plan.jobs)
+    bs = batch_size
+    pos = 0
+    while pos < total:
+        batch = plan.jobs[pos : pos + bs]
+        x = _read_tiles(images, batch, plan, preprocess)
+        try:
+            y = _predict_tiles(predictor, x, dev)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            bs = _smaller_batch(exc, bs, dev, plan.tile)
+            continue
+        _check_output(y, len(batch), out_channels, plan.tile)
+        _add_tiles(acc, y, batch, plan, weighted)
+        pos += len(batch)
+        yield TileProgress(pos, total)
+    acc /= plan.weight_sum
+    return acc
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where the tiles of a sliding-window run go and how they are weighted."""
+
+    spatial: tuple[int, ...]
+    tile: tuple[int, ...]  # what the predictor sees
+    eff_tile: tuple[int, ...]  # the part of a tile inside the image
+    pad: list[tuple[int, int]]
+    jobs: list[tuple[int, tuple[int, ...]]]  # (image, tile start)
+    weights: NDArray[np.float32]
+    weight_sum: NDArray[np.float32]
+
+    def region(self, start: Sequence[int]) -> tuple[slice, ...]:
+        return tuple(slice(s, s + e) for s, e in zip(start, self.eff_tile, strict=True))
+
+
+def _plan(shape: tuple[int, ...], tile_shape: Sequence[int], overlap: float, blend: str) -> _Plan:
+    """Check the arguments and lay out the tiles of ``N`` images of ``shape[2:]``."""
+    if len(shape) < 3:
+        raise InputError(f"images must be (N, C, *spatial), got shape {shape}")
+    spatial = tuple(shape[2:])
     tile = tuple(int(t) for t in tile_shape)
     if len(tile) != len(spatial):
         raise InputError(
@@ -159,74 +210,80 @@ def iter_sliding_window(
     if not 0.0 <= overlap < 1.0:
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     eff_tile = tuple(min(t, s) for t, s in zip(tile, spatial, strict=True))
-    pad = [(0, t - e) for t, e in zip(tile, eff_tile, strict=True)]
-    needs_pad = any(p for _, p in pad)
-    n = images.shape[0]
     grid = tile_grid(spatial, eff_tile, overlap)
-    jobs = [(i, start) for i in range(n) for start in grid]
     weights = blend_weights(eff_tile, blend)
     # the weight sum is the same for every image and channel: one spatial map
     wsum = np.zeros(spatial, np.float32)
     for start in grid:
-        region = tuple(slice(s, s + e) for s, e in zip(start, eff_tile, strict=True))
-        wsum[region] += weights
-    acc = np.zeros((n, out_channels, *spatial), np.float32)
-    weighted = np.empty((out_channels, *eff_tile), np.float32)
-    dev = torch.device(device)
-    total = len(jobs)
-    done = 0
-    bs = batch_size
-    pos = 0
-    while pos < total:
-        batch = jobs[pos : pos + bs]
-        regions = [
-            tuple(slice(s, s + e) for s, e in zip(start, eff_tile, strict=True))
-            for _, start in batch
-        ]
-        raw = np.stack(
-            [images[(i, slice(None), *r)] for (i, _), r in zip(batch, regions, strict=True)]
+        wsum[tuple(slice(s, s + e) for s, e in zip(start, eff_tile, strict=True))] += weights
+    return _Plan(
+        spatial=spatial,
+        tile=tile,
+        eff_tile=eff_tile,
+        pad=[(0, t - e) for t, e in zip(tile, eff_tile, strict=True)],
+        jobs=[(i, start) for i in range(shape[0]) for start in grid],
+        weights=weights,
+        weight_sum=wsum,
+    )
+
+
+def _read_tiles(
+    images: NDArray,
+    batch: Sequence[tuple[int, tuple[int, ...]]],
+    plan: _Plan,
+    preprocess: Preprocess | None,
+) -> NDArray[np.float32]:
+    """The batch's tiles ``(B, C, *tile)``: padded to the tile, preprocessed, float32."""
+    raw = np.stack([images[(i, slice(None), *plan.region(start))] for i, start in batch])
+    if any(p for _, p in plan.pad):
+        mode = "reflect" if _reflectable(plan.eff_tile, plan.pad) else "edge"
+        raw = np.pad(raw, [(0, 0), (0, 0), *plan.pad], mode=mode)
+    x = preprocess(raw) if preprocess is not None else raw
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+def _predict_tiles(predictor: Predictor, x: NDArray, dev: torch.device) -> NDArray[np.float32]:
+    """Run the predictor on one batch on ``dev``; the result back on the CPU as float32."""
+    with torch.inference_mode():
+        y = predictor(torch.from_numpy(np.ascontiguousarray(x)).to(dev))
+        return y.float().cpu().numpy()
+
+
+def _smaller_batch(exc: BaseException, bs: int, dev: torch.device, tile: tuple[int, ...]) -> int:
+    """The batch size to retry with after ``exc``; re-raises what is not out-of-memory."""
+    if not _is_oom(exc):
+        raise exc
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if bs == 1:
+        raise InputError(
+            f"out of {dev.type} memory even with one tile of shape {tile}; "
+            "use a smaller tile shape or device='cpu'"
+        ) from exc
+    bs = max(1, bs // 2)
+    logger.warning("out of %s memory; retrying with batch size %d", dev.type, bs)
+    return bs
+
+
+def _check_output(y: NDArray, n: int, out_channels: int, tile: tuple[int, ...]) -> None:
+    if y.shape != (n, out_channels, *tile):
+        raise InputError(
+            f"predictor returned shape {y.shape}, expected ({n}, {out_channels}, *{tile})"
         )
-        if needs_pad:
-            raw = np.pad(
-                raw,
-                [(0, 0), (0, 0), *pad],
-                mode="reflect" if _reflectable(eff_tile, pad) else "edge",
-            )
-        x = preprocess(raw) if preprocess is not None else raw
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
-        try:
-            with torch.inference_mode():
-                y = predictor(torch.from_numpy(np.ascontiguousarray(x)).to(dev))
-                y_np = y.float().cpu().numpy()
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            if not _is_oom(exc):
-                raise
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            if bs == 1:
-                raise InputError(
-                    f"out of {dev.type} memory even with one tile of shape {tile}; "
-                    "use a smaller tile shape or device='cpu'"
-                ) from exc
-            bs = max(1, bs // 2)
-            logger.warning("out of %s memory; retrying with batch size %d", dev.type, bs)
-            continue
-        if y_np.shape[1] != out_channels or y_np.shape[2:] != tile:
-            raise InputError(
-                f"predictor returned shape {y_np.shape}, expected "
-                f"({len(batch)}, {out_channels}, *{tile})"
-            )
-        if needs_pad:
-            y_np = y_np[(slice(None), slice(None), *(slice(0, e) for e in eff_tile))]
-        for k, ((i, _), r) in enumerate(zip(batch, regions, strict=True)):
-            np.multiply(y_np[k], weights, out=weighted)  # no temporary per tile
-            acc[(i, slice(None), *r)] += weighted
-        pos += len(batch)
-        done += len(batch)
-        yield TileProgress(done, total)
-    acc /= wsum
-    return acc
+
+
+def _add_tiles(
+    acc: NDArray[np.float32],
+    y: NDArray[np.float32],
+    batch: Sequence[tuple[int, tuple[int, ...]]],
+    plan: _Plan,
+    weighted: NDArray[np.float32],
+) -> None:
+    """Add the weighted predictions of a batch (cropped to the image) to the accumulator."""
+    crop = (slice(None), *(slice(0, e) for e in plan.eff_tile))
+    for k, (i, start) in enumerate(batch):
+        np.multiply(y[k][crop], plan.weights, out=weighted)  # no temporary per tile
+        acc[(i, slice(None), *plan.region(start))] += weighted
 
 
 def _reflectable(eff_tile: Sequence[int], pad: Sequence[tuple[int, int]]) -> bool:
@@ -234,13 +291,52 @@ def _reflectable(eff_tile: Sequence[int], pad: Sequence[tuple[int, int]]) -> boo
     return all(e > 1 for e, (_, p) in zip(eff_tile, pad, strict=True) if p)
 
 
-def run_to_end(gen: Generator[object, None, NDArray]) -> NDArray:
-    """Exhaust a progress generator and return its result."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+def _capture(gen: Generator[Y, None, R], box: list[R]) -> Generator[Y, None, None]:
+    """Yield what ``gen`` yields; put its return value in ``box``."""
+    box.append((yield from gen))
+
+
+def run_to_end(gen: Generator[Y, None, R], on_yield: Callable[[Y], object] | None = None) -> R:
+    """Drive a generator to its end and return its value; ``on_yield`` sees each item.
+
+    The one place that drives a progress generator (plain-function twins, callback-style
+    callers, tests): no hand-written ``next`` / ``StopIteration`` loops elsewhere.
+
+    >>> def gen():
+    ...     yield 1
+    ...     yield 2
+    ...     return "done"
+    >>> seen = []
+    >>> run_to_end(gen(), seen.append), seen
+    ('done', [1, 2])
+    """
+    box: list[R] = []
+    for item in _capture(gen, box):
+        if on_yield is not None:
+            on_yield(item)
+    return box[0]
+
+
+def relay(gen: Generator[Y, None, R], convert: Callable[[Y], T]) -> Generator[T, None, R]:
+    """Yield ``convert(item)`` for each item of ``gen`` and return its value.
+
+    Closing the relay closes ``gen`` (so its ``finally:`` runs on cancel).
+
+    >>> def gen():
+    ...     yield 1
+    ...     return "done"
+    >>> run_to_end(relay(gen(), lambda i: 10 * i), print)
+    10
+    'done'
+    """
+    box: list[R] = []
+    inner = _capture(gen, box)
+    try:
+        for item in inner:
+            yield convert(item)
+    finally:
+        inner.close()
+    return box[0]
 
 
 def sliding_window(images: NDArray, predictor: Predictor, **kwargs: object) -> NDArray[np.float32]:
