@@ -1,0 +1,213 @@
+"""``train`` (train or fine-tune a model on label files) and ``simulate`` (active learning)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_segtool.cli._common import (
+    check_learning_rate,
+    check_output,
+    emit,
+    finetune_config,
+    logger,
+    read_labels,
+    read_mask,
+    tile_shape,
+    write_json,
+)
+from napari_segtool.config import DEVICES, FinetuneConfig, ModelConfig
+from napari_segtool.errors import InputError
+
+if TYPE_CHECKING:
+    from napari_segtool.model import SegmentationModel
+    from napari_segtool.training import FinetuneResult
+
+
+def _training_flags(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--patch-shape", type=tile_shape, help="training patch, e.g. 256,256")
+    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``train`` and ``simulate`` to the subcommands."""
+    fdef = FinetuneConfig()
+    tr = sub.add_parser("train", help="train or fine-tune a model on (partial) labels")
+    tr.add_argument("image", type=Path, help="image (TIFF): 2D, RGB or a 3D stack")
+    tr.add_argument(
+        "labels", type=Path,
+        help="training labels (TIFF): 0 background, any other values are classes (sparse ids "
+        "such as 5, 117 train as that many classes and come back out as the same ids)",
+    )  # fmt: skip
+    tr.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="model file to write; an existing one is replaced only by a promoted model, "
+        "otherwise the new model goes to NAME.rejected.pt beside it",
+    )  # fmt: skip
+    tr.add_argument("--init", help="start from this model (bundled name or file); default: new")
+    tr.add_argument("--mask", type=Path, help="TIFF: nonzero where the labels count")
+    _training_flags(tr, fdef)
+    tr.add_argument("--learning-rate", type=float, help="default: 5e-4 fine-tuning, 2e-3 new")
+    tr.add_argument("--validation-fraction", type=float, default=fdef.validation_fraction)
+    tr.add_argument("--patience", type=int, default=fdef.patience)
+    tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="a new model's dims")
+    tr.add_argument("--seed", type=int, default=fdef.seed)
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the training run saved in --init (epoch count, optimizer) "
+                    "to --epochs")  # fmt: skip
+    tr.set_defaults(run=cmd_train)
+
+    sim = sub.add_parser(
+        "simulate", help="measure an active-learning strategy by simulated correction rounds"
+    )
+    sim.add_argument("image", type=Path, help="image (TIFF): a 3D stack or a 2D image")
+    sim.add_argument("labels", type=Path, help="the full reference labels (TIFF)")
+    sim.add_argument("--strategy", choices=("uncertainty", "random", "foreground-random"),
+                     default="uncertainty")  # fmt: skip
+    sim.add_argument(
+        "--score",
+        choices=("top", "mean"),
+        default="top",
+        help="unit score: mean of its 5 %% most uncertain voxels, or of all",
+    )
+    sim.add_argument("--init", help="starting model (bundled name or file); default: new 2D")
+    sim.add_argument("--initial", type=int, default=2, help="units revealed at random first")
+    sim.add_argument("--rounds", type=int, default=4)
+    sim.add_argument("--per-round", type=int, default=2, help="units revealed per round")
+    sim.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1")
+    sim.add_argument("--tile", type=int, default=128, help="tile size of a 2D image's units")
+    sim.add_argument("--held-out", type=float, default=0.3, help="fraction of units held out")
+    _training_flags(sim, fdef)
+    sim.add_argument("--learning-rate", type=float, help="default: 5e-4 with --init, else 2e-3")
+    sim.add_argument("--json", action="store_true", help="print the curves as one JSON object")
+    sim.add_argument("-o", "--output", type=Path, help="also write the curves to this .json file")
+    sim.set_defaults(run=cmd_simulate)
+
+
+def _start_model(args: argparse.Namespace, image: np.ndarray, labels: np.ndarray,
+                 mask: np.ndarray | None) -> SegmentationModel:  # fmt: skip
+    """``--init`` (checked for ``--resume``), or a new model with the labels' classes."""
+    from napari_segtool.model import SegmentationModel, load_model
+    from napari_segtool.training.data import label_values_present
+
+    if args.init:
+        model = load_model(args.init)
+        if args.resume and model.training_state is None:
+            raise InputError(f"{args.init}: holds no training run to resume")
+        return model
+    if args.resume:
+        raise InputError("--resume needs --init MODEL (the model file of the run to continue)")
+    rgb = image.ndim == labels.ndim + 1
+    values = label_values_present(labels, mask=mask)  # one channel per value present
+    config = ModelConfig(spatial_dims=args.dims, in_channels=image.shape[-1] if rgb else 1,
+                         out_channels=len(values))  # fmt: skip
+    return SegmentationModel.new(config, seed=args.seed, name=args.output.stem,
+                                 label_values=values)  # fmt: skip
+
+
+def _save_trained(args: argparse.Namespace, result: FinetuneResult) -> dict[str, object]:
+    """Write the model; never replace an existing model with one that did not beat it."""
+    out = args.output
+    existed = out.exists()
+    target = out
+    if existed and not result.promote:
+        target = out.with_name(f"{out.stem}.rejected{out.suffix or '.pt'}")
+        logger.warning(
+            "the trained model was not promoted (validation Dice %s, the starting model's "
+            "%s): kept %s unchanged and wrote the new model to %s",
+            result.best_dice, result.baseline_dice, out, target,
+        )  # fmt: skip
+    result.model.save(target)
+    return {"output": str(target), "replaced": existed and target == out,
+            "kept": None if target == out else str(out)}  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from napari_segtool.inference import resolve_device
+    from napari_segtool.inference.tiling import run_to_end
+    from napari_segtool.io import read_image
+    from napari_segtool.training.finetune import LabelledImage, iter_finetune
+
+    # options and the output path first: nothing is read or trained for a run that must fail
+    check_learning_rate(args.learning_rate)
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: give a seed >= 0")
+    check_output(args.output)
+    config = finetune_config(args, validation_fraction=args.validation_fraction,
+                             patience=args.patience, seed=args.seed)  # fmt: skip
+    resolve_device(args.device)
+    image = read_image(args.image)
+    labels = read_labels(args.labels)
+    mask = None if args.mask is None else read_mask(args.mask, labels.shape)
+    model = _start_model(args, image.data, labels, mask)
+    gen = iter_finetune(model, [LabelledImage(image.data, labels, mask)], config=config,
+                        resume=args.resume, progress_every=None)  # fmt: skip
+    result = run_to_end(gen)  # each epoch is logged (-v)
+    result.model.trained_on["files"] = {"image": str(args.image), "labels": str(args.labels)}
+    emit({
+        **_save_trained(args, result),
+        "classes": result.model.config.out_channels,
+        "label_values": list(result.model.label_values or ()),
+        **result.summary(),
+    })  # fmt: skip
+    return 0
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> list[list[float]]:
+    """The seeds' mean Dice per round (empty when their curves differ in length)."""
+    lengths = {len(r["curve"]) for r in runs}
+    if len(lengths) != 1:
+        return []
+    return [[runs[0]["curve"][i][0], float(np.mean([r["curve"][i][1] for r in runs]))]
+            for i in range(lengths.pop())]  # fmt: skip
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from napari_segtool.active_learning import SimulationConfig, iter_simulate
+    from napari_segtool.inference import resolve_device
+    from napari_segtool.io import read_image
+    from napari_segtool.model import SegmentationModel, load_model
+    from napari_segtool.training.data import label_values_present
+
+    check_output(args.output, suffixes=(".json",))
+    resolve_device(args.device)
+    image = read_image(args.image).data
+    labels = read_labels(args.labels)
+    if args.seeds < 1:
+        raise InputError("--seeds must be >= 1")
+    values = label_values_present(labels)  # sparse ids train as their real class count
+    config = SimulationConfig(strategy=args.strategy, score=args.score, initial=args.initial,
+                              rounds=args.rounds, per_round=args.per_round,
+                              held_out_fraction=args.held_out, tile=args.tile,
+                              finetune=finetune_config(args))  # fmt: skip
+    tile = (256, 256) if labels.ndim == 3 else (args.tile, args.tile)
+    runs = []
+    for seed in range(args.seeds):
+        if args.init:
+            model = load_model(args.init)
+        else:
+            model = SegmentationModel.new(ModelConfig(out_channels=len(values)), tile_shape=tile,
+                                          seed=seed, label_values=values)  # fmt: skip
+        curve = []
+        for point in iter_simulate(image, labels, model, config=config, seed=seed):
+            curve.append(point)
+            if not args.json:
+                print(  # noqa: T201
+                    f"seed {seed} round {point.round}: {point.n_revealed} units, "
+                    f"held-out Dice {point.dice:.4f} ({point.seconds:.0f} s)"
+                )
+        runs.append({"seed": seed, "curve": [[p.n_revealed, p.dice] for p in curve],
+                     "revealed": list(curve[-1].revealed)})  # fmt: skip
+    out = {"strategy": args.strategy, "units": "slices" if labels.ndim == 3 else "tiles",
+           "seeds": runs, "mean": _mean_curve(runs), "label_values": list(values)}  # fmt: skip
+    if args.output is not None:
+        write_json(args.output, out)
+    if args.json:
+        emit(out)
+    return 0

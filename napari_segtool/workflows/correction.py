@@ -1,0 +1,286 @@
+"""A correction round: train on a project's corrections, keep the version, re-segment the rest.
+
+One round, in named steps that a front end may also run one by one:
+
+1. :func:`iter_train_round`: the model in use (:func:`~napari_segtool.training.versions.
+   current_model`), its classes fitted to the corrections (an untrained starting point takes
+   the labels' classes, a trained model grows its head for new ones), then fine-tuned on the
+   voxels the user changed, painted or reviewed. A generator: it yields
+   :class:`~napari_segtool.training.StepProgress` and
+   :class:`~napari_segtool.training.EpochReport`; closing it cancels, and nothing is written.
+2. :func:`record_version`: the trained model becomes ``models/vNNNN.pt`` and a version in the
+   project, promoted only when its validation Dice is not below the starting model's.
+3. :func:`iter_resegment`: the model in use segments the image again with flip TTA, so the
+   uncertainty map is fresh too (yields :class:`~napari_segtool.inference.Progress`).
+4. :func:`merge_resegmentation`: the new prediction replaces the labels only where the user
+   neither painted, changed nor reviewed anything.
+
+:func:`iter_correction_round` runs them all on a saved state (the ``finetune`` command). The
+Fine-tune widget trains and records on a snapshot (``save=False``) in a worker, then
+re-segments in another worker and merges into its live state on the main thread.
+
+Every save is atomic (:meth:`~napari_segtool.io.project.Project.save`). A round cancelled
+while it trains leaves the model files and ``state.npz`` byte-identical; one cancelled while
+it re-segments has recorded its version (saved) and left the labels as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from napari_segtool.active_learning import voxel_uncertainty
+from napari_segtool.config import FinetuneConfig, InferenceConfig
+from napari_segtool.inference import Progress, iter_segment
+from napari_segtool.io.project import Project, ProjectState, merge_untouched
+from napari_segtool.model import list_models
+from napari_segtool.training import (
+    EpochReport,
+    FinetuneResult,
+    LabelledImage,
+    StepProgress,
+    iter_finetune,
+)
+from napari_segtool.training.classes import ClassFit, fit_classes
+from napari_segtool.training.versions import current_model, record_round, training_data
+
+logger = logging.getLogger(__name__)
+
+#: Starting points that are untrained: a round rebuilds them with the labels' classes.
+UNTRAINED = tuple(e.name for e in list_models() if e.path is None)
+
+RoundItem = StepProgress | EpochReport | Progress
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A finished training step, not recorded yet: the result and what fitting its classes did."""
+
+    result: FinetuneResult
+    classes: ClassFit
+
+
+@dataclass(frozen=True)
+class Resegmentation:
+    """A new machine prediction of the whole image and its per-voxel uncertainty (0..1)."""
+
+    labels: NDArray
+    uncertainty: NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round did.
+
+    Attributes
+    ----------
+    version : int
+        The new version's number (``models/vNNNN.pt``).
+    promoted : bool
+        Whether it is now the model in use.
+    val_dice, baseline_dice : float or None
+        Validation Dice of the new model and of the model it started from, on the same
+        held-out corrections (None when nothing could be held out).
+    entry : dict
+        The version's record in the project.
+    training : FinetuneResult
+        The training figures and the trained model.
+    classes : str
+        What was done to the model's classes ("" when nothing).
+    resegmented : int or None
+        Untouched voxels whose label the new model changed; None when the round did not
+        re-segment (not promoted, or ``save=False``).
+    """
+
+    version: int
+    promoted: bool
+    val_dice: float | None
+    baseline_dice: float | None
+    entry: dict[str, Any]
+    training: FinetuneResult
+    classes: str = ""
+    resegmented: int | None = None
+
+    def summary(self) -> dict[str, object]:
+        """The figures as plain JSON values."""
+        extra = {"note": self.training.note} if self.training.note else {}
+        return {
+            "version": self.version,
+            "promoted": self.promoted,
+            "val_dice": self.val_dice,
+            "baseline_dice": self.baseline_dice,
+            "resegmented_voxels": self.resegmented,
+            "epochs": self.training.epochs,
+            "labelled_voxels": self.training.labelled_voxels,
+            "validation_voxels": self.training.validation_voxels,
+            "seconds": round(self.training.seconds, 2),
+            "classes": self.classes,
+            **extra,
+        }
+
+
+def round_data(
+    image: NDArray, state: ProjectState, *, truth: NDArray | None = None
+) -> list[LabelledImage]:
+    """The round's training data: the corrections, and a fully labelled ``truth`` if given.
+
+    The project's labels count where the user changed, painted or reviewed; ``truth`` (e.g. a
+    reference layer) counts everywhere. With ``truth`` and no corrections yet, only ``truth``
+    trains.
+    """
+    data = [training_data(image, state)]
+    if truth is not None:
+        data.append(LabelledImage(data[0].image, np.asarray(truth), None))
+        if data[0].mask is not None and not data[0].mask.any():
+            data = data[1:]
+    return data
+
+
+def iter_train_round(
+    project: Project,
+    image: NDArray,
+    state: ProjectState,
+    *,
+    config: FinetuneConfig | None = None,
+    truth: NDArray | None = None,
+    references: Sequence[NDArray] = (),
+    extend: bool = True,
+) -> Generator[StepProgress | EpochReport, None, Trained]:
+    """Fine-tune the model in use on the project's corrections; writes nothing.
+
+    Parameters
+    ----------
+    project : Project
+    image : ndarray
+        The project's image, ``(Y, X)``, ``(Z, Y, X)`` or RGB ``(Y, X, C)``.
+    state : ProjectState
+        The saved state or a snapshot of the user's state; it is not modified.
+    config : FinetuneConfig, optional
+        Epochs, steps, learning rate, device, seed.
+    truth : ndarray, optional
+        A fully labelled image of the same shape that trains everywhere.
+    references : sequence of ndarray
+        Label images whose classes an untrained starting point should know.
+    extend : bool
+        Classes the model lacks grow its head; False raises instead.
+
+    Yields
+    ------
+    StepProgress or EpochReport
+
+    Returns
+    -------
+    Trained
+        Through ``StopIteration.value``; closing the generator cancels the round.
+
+    Raises
+    ------
+    InputError
+        No labelled voxels, classes the model lacks (``extend=False``), a missing model.
+    """
+    model = current_model(project, state)
+    data = round_data(image, state, truth=truth)
+    untrained = state.current_version is None and state.base_model in UNTRAINED
+    fit = fit_classes(model, data, untrained=untrained, extend=extend, also=references)
+    if fit.describe():
+        logger.info("fine-tune round: %s", fit.describe())
+    result = yield from iter_finetune(fit.model, data, config=config)
+    return Trained(result, fit)
+
+
+def record_version(
+    project: Project, state: ProjectState, trained: Trained, *, save: bool = True
+) -> dict[str, Any]:
+    """Save the trained model as the next version; promote it only if it is not worse.
+
+    ``save=False``: ``state`` is a snapshot from the round's start, so only the version (and
+    the version in use) is written into the state on disk; the caller saves its live state.
+    Returns the version's entry; ``state.versions`` and ``state.current_version`` follow.
+    """
+    return record_round(project, state, trained.result, save=save)
+
+
+def iter_resegment(
+    project: Project, state: ProjectState, image: NDArray, *, device: str = "auto"
+) -> Generator[Progress, None, Resegmentation]:
+    """Segment ``image`` with the model in use, with flip TTA for a fresh uncertainty map.
+
+    Yields :class:`~napari_segtool.inference.Progress` per batch of tiles; returns a
+    :class:`Resegmentation`. Nothing is written: :func:`merge_resegmentation` does that.
+    """
+    model = current_model(project, state)
+    config = InferenceConfig(device=device, tta=True)
+    result = yield from iter_segment(image, model, config=config)
+    return Resegmentation(result.labels, voxel_uncertainty(result))
+
+
+def merge_resegmentation(state: ProjectState, segmentation: Resegmentation) -> int:
+    """Write the new prediction into ``state`` where the user has not worked; returns the
+    number of labels changed (:func:`~napari_segtool.io.project.merge_untouched`)."""
+    return merge_untouched(state, segmentation.labels)
+
+
+def iter_correction_round(
+    project: Project,
+    image: NDArray,
+    state: ProjectState,
+    *,
+    config: FinetuneConfig | None = None,
+    truth: NDArray | None = None,
+    references: Sequence[NDArray] = (),
+    extend: bool = True,
+    save: bool = True,
+) -> Generator[RoundItem, None, RoundResult]:
+    """One correction round: train, record the version and, when promoted, re-segment.
+
+    Parameters
+    ----------
+    project, image, state, config, truth, references, extend
+        As for :func:`iter_train_round`.
+    save : bool, optional
+        True (default): ``state`` is the project's state (as loaded); a promoted version
+        re-segments the untouched voxels into it and it is saved. False: ``state`` is a
+        snapshot of a live state the caller holds; only the version is recorded, and the
+        caller re-segments (:func:`iter_resegment`) and merges into its live state.
+
+    Yields
+    ------
+    StepProgress, EpochReport or Progress
+        Training steps and epochs, then re-segmentation tiles.
+
+    Returns
+    -------
+    RoundResult
+        Through ``StopIteration.value``. Closing the generator while it trains writes
+        nothing; while it re-segments, the recorded version stays and the labels are kept.
+
+    Raises
+    ------
+    InputError
+        As :func:`iter_train_round`; also when another writer holds the project.
+    """
+    trained = yield from iter_train_round(project, image, state, config=config, truth=truth,
+                                          references=references, extend=extend)  # fmt: skip
+    entry = record_version(project, state, trained, save=save)
+    changed = None
+    if entry["promoted"] and save:
+        device = (config or FinetuneConfig()).device
+        segmentation = yield from iter_resegment(project, state, image, device=device)
+        changed = merge_resegmentation(state, segmentation)
+        project.save(state)
+    logger.info("correction round: version %d, promoted %s", entry["version"], entry["promoted"])
+    return RoundResult(
+        version=int(entry["version"]),
+        promoted=bool(entry["promoted"]),
+        val_dice=entry.get("val_dice"),
+        baseline_dice=entry.get("baseline_dice"),
+        entry=entry,
+        training=trained.result,
+        classes=trained.classes.describe(),
+        resegmented=changed,
+    )
