@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from napari_segtool.config import InferenceConfig
 from napari_segtool.errors import InputError
-from napari_segtool.inference.predict import Segmentation, normalized_entropy, segment
+from napari_segtool.inference.predict import (
+    Segmentation,
+    normalized_entropy,
+    resolve_device,
+    segment,
+)
+from napari_segtool.inference.seeding import TorchRandom
 from napari_segtool.model.checkpoint import SegmentationModel
 
 KINDS = ("entropy", "disagreement", "combined")
@@ -55,12 +60,14 @@ def mc_dropout(
     if passes < 2:
         raise InputError(f"MC dropout needs at least 2 passes, got {passes}")
     cfg = dataclasses.replace(config or InferenceConfig(), mc_dropout=True)
-    torch.manual_seed(seed)
     mean = None
     mean_entropy = None
+    # dropout draws from a private stream: torch's global random state is left alone
+    random = TorchRandom(seed, resolve_device(cfg.device))
     try:
         for _ in range(passes):
-            probs = segment(image, model, config=cfg, return_probabilities=True).probabilities
+            with random.active():
+                probs = segment(image, model, config=cfg, return_probabilities=True).probabilities
             assert probs is not None
             h = normalized_entropy(probs, axis=0)
             mean = probs if mean is None else mean + probs

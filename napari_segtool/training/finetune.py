@@ -24,73 +24,15 @@ from napari_segtool.config import FinetuneConfig, InferenceConfig, TrainingConfi
 from napari_segtool.errors import InputError
 from napari_segtool.inference.normalize import apply_range, check_values, percentile_range
 from napari_segtool.inference.predict import segment
+from napari_segtool.inference.tiling import relay
 from napari_segtool.io.labelled import labelled_mask
 from napari_segtool.metrics.overlap import overlap_metrics
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.data import PatchSampler, labels_to_channels
 from napari_segtool.training.loop import EpochReport, StepProgress, iter_train
+from napari_segtool.training.split import split_validation
 
 logger = logging.getLogger(__name__)
-
-
-def split_validation(
-    mask: NDArray[np.bool_],
-    *,
-    fraction: float,
-    seed: int = 0,
-    block: int = 128,
-    min_block: int = 16,
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Hold out part of the labelled voxels for validation: ``(train, validation)`` masks.
-
-    Units are whole slices of a stack when at least two slices hold labels, otherwise blocks
-    of ``block`` x ``block`` in the (Y, X) plane. When the labels fit in one block (one
-    101 x 122 slice, a corrected patch), the block is halved until at least two blocks hold
-    labels, down to ``min_block``. About ``fraction`` of the units (at least one, and never
-    all) go to validation, chosen by ``seed``. Labels on a single slice that fit in one
-    ``min_block`` x ``min_block`` block, or fewer than ``2 * min_block ** 2`` labelled
-    voxels there, give no validation (an all-False mask): everything trains, and
-    :func:`iter_finetune` then does not promote the result.
-
-    Examples
-    --------
-    >>> m = np.zeros((4, 8, 8), bool); m[[0, 1, 3]] = True
-    >>> train, val = split_validation(m, fraction=0.3)
-    >>> int(val.any(axis=(1, 2)).sum()), bool((train & val).any()), bool((train | val == m).all())
-    (1, False, True)
-    """
-    rng = np.random.default_rng(seed)
-    val = np.zeros_like(mask, dtype=bool)
-    if fraction <= 0:
-        return mask.copy(), val
-    if mask.ndim == 3:
-        slices = np.flatnonzero(mask.any(axis=(1, 2)))
-        if slices.size >= 2:
-            n_val = min(slices.size - 1, max(1, round(fraction * slices.size)))
-            for z in rng.choice(slices, n_val, replace=False):
-                val[z] = mask[z]
-            return mask & ~val, val
-    if int(np.count_nonzero(mask)) < 2 * min_block * min_block:
-        return mask.copy(), val  # too few labels to hold any out
-    h, w = mask.shape[-2:]
-    plane = mask.any(axis=0) if mask.ndim == 3 else mask
-    cells: list[tuple[int, int]] = []
-    while True:
-        cells = [
-            (y, x)
-            for y in range(0, h, block)
-            for x in range(0, w, block)
-            if plane[y : y + block, x : x + block].any()
-        ]
-        if len(cells) >= 2 or block // 2 < min_block:
-            break
-        block //= 2
-    if len(cells) >= 2:
-        n_val = min(len(cells) - 1, max(1, round(fraction * len(cells))))
-        for i in rng.choice(len(cells), n_val, replace=False):
-            y, x = cells[int(i)]
-            val[..., y : y + block, x : x + block] = mask[..., y : y + block, x : x + block]
-    return mask & ~val, val
 
 
 @dataclass(frozen=True)
@@ -292,39 +234,25 @@ def iter_finetune(
     """
     cfg = config or FinetuneConfig()
     t0 = time.perf_counter()
-    if not data:
-        raise InputError("nothing to train on: give at least one labelled image")
-    prepared = [_prepare(item, model, cfg) for item in data]
+    prepared = _prepare_all(data, model, cfg)
     labelled = sum(int(p.train.sum() + p.val.sum()) for p in prepared)
-    if labelled == 0:
-        raise InputError(
-            "no labelled voxels: correct part of the prediction or mark slices as reviewed"
-        )
     n_val = sum(int(p.val.sum()) for p in prepared)
     inference = InferenceConfig(device=cfg.device, batch_size=cfg.batch_size, amp=cfg.amp)
     sampler = _sampler(prepared, model, cfg)
     baseline = masked_scores(model, prepared, inference=inference)[0] if n_val else None
-    work = model.copy()
-    if not resume:
-        work.training_state = None
-    elif work.training_state is None:
-        raise InputError("this model holds no training run to resume")
-    steps = cfg.epochs * cfg.steps_per_epoch
-    tcfg = TrainingConfig(
-        patch_shape=sampler.patch_shape,
-        batch_size=cfg.batch_size,
-        steps=steps,
-        learning_rate=cfg.learning_rate,
-        steps_per_epoch=cfg.steps_per_epoch,
-        seed=cfg.seed,
-        device=cfg.device,
-        amp=cfg.amp,
-    )
+    work = _working_copy(model, resume=resume)
+    tcfg = _training_config(cfg, sampler.patch_shape)
 
     def validate(m: SegmentationModel) -> tuple[float, float]:
         return masked_scores(m, prepared, inference=inference)
 
     reports: list[EpochReport] = []
+
+    def keep(item: EpochReport | StepProgress) -> EpochReport | StepProgress:
+        if isinstance(item, EpochReport):
+            reports.append(item)
+        return item
+
     gen = iter_train(
         work,
         sampler,
@@ -334,28 +262,11 @@ def iter_finetune(
         resume=resume,
         progress_every=progress_every,
     )
-    try:
-        for report in gen:
-            if isinstance(report, EpochReport):
-                reports.append(report)
-            yield report
-    finally:
-        gen.close()  # restores the best epoch's weights, also when we are cancelled
+    # closing this generator closes iter_train, which restores the best epoch's weights
+    yield from relay(gen, keep)
     scored = [r.val_dice for r in reports if r.val_dice is not None]
     best = max(scored) if scored else None
-    note = None
-    if n_val == 0 and cfg.validation_fraction > 0:
-        promote = False
-        note = (
-            f"nothing to validate on: the {labelled} labelled voxels are too few to hold any "
-            "out, so the previous model stays in use; label a larger area or more slices"
-        )
-    elif n_val == 0:
-        promote = True
-        note = "validation_fraction is 0: promoted without validation"
-    else:
-        promote = best is not None and baseline is not None and best >= baseline
-    stopped = bool(reports) and reports[-1].step < steps
+    promote, note = _decision(cfg, labelled=labelled, n_val=n_val, best=best, baseline=baseline)
     work.trained_on = {
         **{k: v for k, v in model.trained_on.items() if k != "finetune"},
         "finetune": {
@@ -371,7 +282,7 @@ def iter_finetune(
         baseline_dice=baseline,
         best_dice=best,
         epochs=len(reports),
-        stopped_early=stopped,
+        stopped_early=bool(reports) and reports[-1].step < tcfg.steps,
         seconds=time.perf_counter() - t0,
         promote=promote,
         labelled_voxels=labelled,
@@ -381,6 +292,62 @@ def iter_finetune(
     )
     logger.info("fine-tune: %s", result.summary())
     return result
+
+
+def _prepare_all(
+    data: Sequence[LabelledImage], model: SegmentationModel, cfg: FinetuneConfig
+) -> list[_Prepared]:
+    """Every image prepared and split; refuses a round with nothing labelled."""
+    if not data:
+        raise InputError("nothing to train on: give at least one labelled image")
+    prepared = [_prepare(item, model, cfg) for item in data]
+    if not any(p.train.any() or p.val.any() for p in prepared):
+        raise InputError(
+            "no labelled voxels: correct part of the prediction or mark slices as reviewed"
+        )
+    return prepared
+
+
+def _working_copy(model: SegmentationModel, *, resume: bool) -> SegmentationModel:
+    """The copy a round trains (the starting model is never modified)."""
+    work = model.copy()
+    if not resume:
+        work.training_state = None
+    elif work.training_state is None:
+        raise InputError("this model holds no training run to resume")
+    return work
+
+
+def _training_config(cfg: FinetuneConfig, patch_shape: tuple[int, ...]) -> TrainingConfig:
+    return TrainingConfig(
+        patch_shape=patch_shape,
+        batch_size=cfg.batch_size,
+        steps=cfg.epochs * cfg.steps_per_epoch,
+        learning_rate=cfg.learning_rate,
+        steps_per_epoch=cfg.steps_per_epoch,
+        seed=cfg.seed,
+        device=cfg.device,
+        amp=cfg.amp,
+    )
+
+
+def _decision(
+    cfg: FinetuneConfig,
+    *,
+    labelled: int,
+    n_val: int,
+    best: float | None,
+    baseline: float | None,
+) -> tuple[bool, str | None]:
+    """Whether to promote the trained copy, and the note that explains an unchecked choice."""
+    if n_val == 0 and cfg.validation_fraction > 0:
+        return False, (
+            f"nothing to validate on: the {labelled} labelled voxels are too few to hold any "
+            "out, so the previous model stays in use; label a larger area or more slices"
+        )
+    if n_val == 0:
+        return True, "validation_fraction is 0: promoted without validation"
+    return best is not None and baseline is not None and best >= baseline, None
 
 
 def _sampler(

@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 from napari_segtool.config import InferenceConfig, TrainingConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference.predict import resolve_device, segment
+from napari_segtool.inference.seeding import TorchRandom
 from napari_segtool.metrics.overlap import foreground_dice
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.data import PatchSampler, labels_to_channels
@@ -108,6 +109,8 @@ def iter_train(
         ``0 .. out_channels - 1`` (see :func:`~napari_segtool.training.data.labels_to_channels`).
     config : TrainingConfig
         Steps, batch, learning rate (AdamW with cosine decay), seed, device, mixed precision.
+        The seed drives the patches and dropout through private generators: torch's global
+        random state is left as it was.
     validation : sequence of (raw image, labels)
         Evaluated with tiled inference after each epoch.
     validate : callable, optional
@@ -144,123 +147,193 @@ def iter_train(
         epoch's weights, or to its starting weights, and nothing is reported as best).
     """
     _check_classes(sampler, model.config.out_channels)
-    device = resolve_device(config.device)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
-    net = model.network.to(device)
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    step = first_epoch = 0
-    state = model.training_state if resume else None
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        step, first_epoch = int(state["step"]), int(state["epoch"])
-        rng = np.random.default_rng([config.seed, step])
-    step0 = step
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, config.steps) / config.steps)),
-    )
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    weights = (
-        torch.tensor(config.class_weights, dtype=torch.float32, device=device)
-        if config.class_weights
-        else None
-    )
-    inference = inference or InferenceConfig(device=config.device, batch_size=4)
     validator = validate
     if validator is None and validation:
+        inference = inference or InferenceConfig(device=config.device, batch_size=4)
 
         def validator(m: SegmentationModel) -> tuple[float, float]:
             return validation_scores(m, validation, inference=inference)
 
-    best_score = -math.inf
-    best_state = None
-    start_state = copy.deepcopy(net.state_dict())
-    diverged = False
-    bad_steps = 0
-    since_best = 0
-    epochs = math.ceil(config.steps / config.steps_per_epoch)
+    run = _Run.start(model, config, resume=resume)
     try:
-        for epoch in range(first_epoch + 1, epochs + 1):
+        for epoch in range(run.first_epoch + 1, run.epochs + 1):
             t0 = time.perf_counter()
-            net.train()
+            run.net.train()
             losses = []
-            for _ in range(min(config.steps_per_epoch, config.steps - step)):
-                x, y, v = sampler.sample(config.batch_size, rng)
-                xt = torch.from_numpy(x).to(device)
-                yt = torch.from_numpy(y).to(device)
-                vt = torch.from_numpy(v).to(device)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = net(xt)
-                loss = dice_ce_loss(logits, yt, valid=vt, class_weights=weights)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                value = float(loss.detach())
-                step += 1
+            for _ in range(min(config.steps_per_epoch, config.steps - run.step)):
+                value = run.train_step(sampler, epoch)
                 if math.isfinite(value):
                     losses.append(value)
-                    bad_steps = 0
-                else:
-                    # under AMP a float16 overflow skips one step (GradScaler) and is not
-                    # fatal; a few in a row, or any without AMP, mean the run diverged
-                    bad_steps += 1
-                    if not use_amp or bad_steps >= MAX_BAD_AMP_STEPS or not _finite(net):
-                        diverged = True
-                        raise InputError(
-                            f"training diverged: the loss became {value} at step {step} "
-                            f"(epoch {epoch}); lower the learning rate "
-                            f"(now {config.learning_rate:g})"
-                        )
-                if progress_every and step % progress_every == 0:
-                    yield StepProgress(step, config.steps, value)
-            net.eval()
-            if not _finite(net) or not losses:
-                diverged = True
-                raise InputError(
-                    f"training diverged: the weights or every loss became NaN or infinite "
-                    f"in epoch {epoch} (step {step}); lower the learning rate "
-                    f"(now {config.learning_rate:g})"
-                )
-            val_dice = val_err = None
-            if validator is not None:
-                val_dice, val_err = validator(model)
-            score = val_dice if val_dice is not None else -float(np.mean(losses))
-            is_best = score >= best_score
-            if is_best or val_dice is None:
-                best_score = score
-                best_state = copy.deepcopy(net.state_dict())
-            report = EpochReport(
-                epoch=epoch,
-                step=step,
-                total_steps=config.steps,
-                train_loss=float(np.mean(losses)),
-                val_dice=val_dice,
-                val_pixel_error=val_err,
-                learning_rate=float(sched.get_last_lr()[0]),
-                seconds=time.perf_counter() - t0,
-                best=is_best,
-            )
-            model.history.append(report.to_dict())
-            model.training_state = {"optimizer": opt.state_dict(), "step": step, "epoch": epoch}
+                if progress_every and run.step % progress_every == 0:
+                    yield StepProgress(run.step, config.steps, value)
+            report = run.end_epoch(model, epoch, losses, validator, seconds_from=t0)
             logger.info("epoch %d: %s", epoch, report)
             yield report
-            since_best = 0 if is_best else since_best + 1
-            if patience is not None and since_best >= patience:
+            if patience is not None and run.since_best >= patience:
                 logger.info("no better validation Dice for %d epochs: stopping", patience)
                 break
     finally:
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        elif diverged:
-            net.load_state_dict(start_state)
-        net.eval()
+        run.restore()
     return model
+
+
+@dataclass
+class _Run:
+    """The state of one training run: network, optimiser, schedule and the best weights."""
+
+    config: TrainingConfig
+    net: torch.nn.Module
+    device: torch.device
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    class_weights: torch.Tensor | None
+    rng: np.random.Generator
+    torch_random: TorchRandom
+    step: int
+    first_epoch: int
+    start_state: dict[str, torch.Tensor]
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score: float = -math.inf
+    since_best: int = 0
+    bad_steps: int = 0
+    diverged: bool = False
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.config.steps / self.config.steps_per_epoch)
+
+    @classmethod
+    def start(cls, model: SegmentationModel, config: TrainingConfig, *, resume: bool) -> _Run:
+        """Optimiser, cosine schedule and random streams, resumed from the model if asked."""
+        device = resolve_device(config.device)
+        net = model.network.to(device)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        step = first_epoch = 0
+        rng = np.random.default_rng(config.seed)
+        state = model.training_state if resume else None
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            step, first_epoch = int(state["step"]), int(state["epoch"])
+            rng = np.random.default_rng([config.seed, step])
+        step0, total = step, config.steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, total) / total))
+        )
+        use_amp = config.amp and device.type == "cuda"
+        weights = None
+        if config.class_weights:
+            weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+        return cls(
+            config=config,
+            net=net,
+            device=device,
+            opt=opt,
+            sched=sched,
+            scaler=torch.amp.GradScaler(device.type, enabled=use_amp),
+            use_amp=use_amp,
+            class_weights=weights,
+            rng=rng,
+            torch_random=TorchRandom(config.seed, device),
+            step=step,
+            first_epoch=first_epoch,
+            start_state=copy.deepcopy(net.state_dict()),
+        )
+
+    def train_step(self, sampler: PatchSampler, epoch: int) -> float:
+        """One optimiser step on a batch of patches; returns its loss (maybe not finite).
+
+        Raises
+        ------
+        InputError
+            When the run diverged: a non-finite loss without mixed precision, or
+            :data:`MAX_BAD_AMP_STEPS` in a row (or non-finite weights) with it.
+        """
+        x, y, v = sampler.sample(self.config.batch_size, self.rng)
+        dev = self.device
+        xt, yt, vt = (torch.from_numpy(a).to(dev) for a in (x, y, v))
+        with self.torch_random.active():  # dropout draws from this run's stream only
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=self.use_amp):
+                logits = self.net(xt)
+            loss = dice_ce_loss(logits, yt, valid=vt, class_weights=self.class_weights)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        value = float(loss.detach())
+        self.step += 1
+        self._check_loss(value, epoch)
+        return value
+
+    def _check_loss(self, value: float, epoch: int) -> None:
+        if math.isfinite(value):
+            self.bad_steps = 0
+            return
+        # under AMP a float16 overflow skips one step (GradScaler) and is not fatal; a few
+        # in a row, or any without AMP, mean the run diverged
+        self.bad_steps += 1
+        if not self.use_amp or self.bad_steps >= MAX_BAD_AMP_STEPS or not _finite(self.net):
+            self.diverged = True
+            raise InputError(
+                f"training diverged: the loss became {value} at step {self.step} "
+                f"(epoch {epoch}); lower the learning rate (now {self.config.learning_rate:g})"
+            )
+
+    def end_epoch(
+        self,
+        model: SegmentationModel,
+        epoch: int,
+        losses: list[float],
+        validator: Validator | None,
+        *,
+        seconds_from: float,
+    ) -> EpochReport:
+        """Validate, keep the weights if they are the best so far, and report the epoch."""
+        self.net.eval()
+        if not _finite(self.net) or not losses:
+            self.diverged = True
+            raise InputError(
+                f"training diverged: the weights or every loss became NaN or infinite "
+                f"in epoch {epoch} (step {self.step}); lower the learning rate "
+                f"(now {self.config.learning_rate:g})"
+            )
+        val_dice = val_err = None
+        if validator is not None:
+            val_dice, val_err = validator(model)
+        train_loss = float(np.mean(losses))
+        score = val_dice if val_dice is not None else -train_loss
+        is_best = score >= self.best_score
+        if is_best or val_dice is None:
+            self.best_score = score
+            self.best_state = copy.deepcopy(self.net.state_dict())
+        self.since_best = 0 if is_best else self.since_best + 1
+        report = EpochReport(
+            epoch=epoch,
+            step=self.step,
+            total_steps=self.config.steps,
+            train_loss=train_loss,
+            val_dice=val_dice,
+            val_pixel_error=val_err,
+            learning_rate=float(self.sched.get_last_lr()[0]),
+            seconds=time.perf_counter() - seconds_from,
+            best=is_best,
+        )
+        model.history.append(report.to_dict())
+        model.training_state = {"optimizer": self.opt.state_dict(), "step": self.step,
+                                "epoch": epoch}  # fmt: skip
+        return report
+
+    def restore(self) -> None:
+        """The best epoch's weights (the starting ones after a divergence before any)."""
+        if self.best_state is not None:
+            self.net.load_state_dict(self.best_state)
+        elif self.diverged:
+            self.net.load_state_dict(self.start_state)
+        self.net.eval()
 
 
 def _finite(net: torch.nn.Module) -> bool:

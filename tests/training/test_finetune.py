@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from napari_segtool.config import FinetuneConfig
 from napari_segtool.errors import InputError
@@ -147,12 +148,20 @@ def test_cancel_mid_epoch_keeps_the_model_file_byte_identical(tmp_path):
     model_file = project.folder / entry["file"]
     saved = model_file.read_bytes()
     state_bytes = project.state_path.read_bytes()
-    gen = iter_finetune(current_model(project, state), [training_data(image, state)],
+    start = current_model(project, state)
+    gen = iter_finetune(start, [training_data(image, state)],
                         config=FAST.replace(steps_per_epoch=10))  # fmt: skip
     for _ in range(4):  # four steps into the first epoch
         assert isinstance(next(gen), StepProgress)
     gen.close()
     assert model_file.read_bytes() == saved
+    # the model in use was not trained in place either: saving it again gives the same weights
+    on_disk = SegmentationModel.load(model_file).network.state_dict()
+    weights = start.network.state_dict()
+    assert all(torch.equal(weights[k].cpu(), on_disk[k]) for k in on_disk)
+    start.save(tmp_path / "again.pt")
+    again = SegmentationModel.load(tmp_path / "again.pt").network.state_dict()
+    assert all(torch.equal(again[k], on_disk[k]) for k in on_disk)
     assert project.state_path.read_bytes() == state_bytes
     assert sorted(p.name for p in (project.folder / "models").iterdir()) == ["v0001.pt"]
 

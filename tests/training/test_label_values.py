@@ -72,7 +72,9 @@ def test_sparse_ids_train_as_three_classes_and_segment_to_the_same_ids():
     assert set(np.unique(pred).tolist()) <= {0, 5, 117}
     assert 117 in pred
     # the loop's own evaluation reads label values too
-    dice, err = validation_scores(result.model, [(image[0], labels[0])], inference=InferenceConfig())
+    dice, err = validation_scores(
+        result.model, [(image[0], labels[0])], inference=InferenceConfig()
+    )
     assert dice > 0.5
     assert err < 0.2
 
