@@ -10,6 +10,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -101,45 +102,16 @@ def _positive_spacing(values: list[float], path: object) -> list[float]:
 
 
 def _spacing_from_tiff(tif: tifffile.TiffFile, ndim: int) -> tuple[tuple[float, ...], str | None]:
-    spacing = [1.0] * ndim
-    unit: str | None = None
     page = tif.pages[0]
     # 1. tifffile's own JSON description: {"spacing": s | [..], "unit": "mm"}
     desc = page.description if hasattr(page, "description") else ""
-    if desc.startswith("{"):
-        try:
-            meta = json.loads(desc)
-        except json.JSONDecodeError:
-            meta = {}
-        if not isinstance(meta, dict):
-            meta = {}
-        sp = meta.get("spacing")
-        if isinstance(sp, int | float) and not isinstance(sp, bool):
-            spacing = [float(sp)] * ndim
-        elif (
-            isinstance(sp, list)
-            and len(sp) == ndim
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in sp)
-        ):
-            spacing = [float(v) for v in sp]
-        else:
-            sp = None
-        u = meta.get("unit", unit)
-        unit = u if isinstance(u, str) else None
-        if sp is not None:
-            return tuple(_positive_spacing(spacing, tif.filename)), unit
+    spacing, unit = _spacing_from_json(desc, ndim) if desc.startswith("{") else (None, None)
+    if spacing is not None:
+        return tuple(_positive_spacing(spacing, tif.filename)), unit
     # 2. ImageJ hyperstack: Z spacing in the description, Y/X from the resolution tags
+    spacing = [1.0] * ndim
     ij = tif.imagej_metadata or {}
-    xres = page.tags.get("XResolution")
-    yres = page.tags.get("YResolution")
-    res_unit = page.tags.get("ResolutionUnit")
-    has_res = xres is not None and (ij or (res_unit is not None and res_unit.value != 1))
-    if has_res and ndim >= 2:
-        for axis, tag in ((-1, xres), (-2, yres)):
-            if tag is not None:
-                num, den = tag.value
-                if num > 0 and den > 0:
-                    spacing[axis] = den / num
+    _spacing_from_resolution(page, spacing, imagej=bool(ij))
     if ij:
         u = ij.get("unit", unit)
         unit = u if isinstance(u, str) else None
@@ -149,6 +121,43 @@ def _spacing_from_tiff(tif: tifffile.TiffFile, ndim: int) -> tuple[tuple[float, 
             except (TypeError, ValueError):
                 logger.warning("%s: ignoring the ImageJ spacing %r", tif.filename, ij["spacing"])
     return tuple(_positive_spacing(spacing, tif.filename)), unit
+
+
+def _spacing_from_json(desc: str, ndim: int) -> tuple[list[float] | None, str | None]:
+    """Spacing (None if absent or malformed) and unit from tifffile's JSON description."""
+    try:
+        meta = json.loads(desc)
+    except json.JSONDecodeError:
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    u = meta.get("unit")
+    unit = u if isinstance(u, str) else None
+    sp = meta.get("spacing")
+
+    def number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if number(sp):
+        return [float(sp)] * ndim, unit
+    if isinstance(sp, list) and len(sp) == ndim and all(number(v) for v in sp):
+        return [float(v) for v in sp], unit
+    return None, unit
+
+
+def _spacing_from_resolution(page: Any, spacing: list[float], *, imagej: bool) -> None:
+    """Y and X spacing from the resolution tags, in place (when the file means them)."""
+    xres = page.tags.get("XResolution")
+    yres = page.tags.get("YResolution")
+    res_unit = page.tags.get("ResolutionUnit")
+    has_res = xres is not None and (imagej or (res_unit is not None and res_unit.value != 1))
+    if not has_res or len(spacing) < 2:
+        return
+    for axis, tag in ((-1, xres), (-2, yres)):
+        if tag is not None:
+            num, den = tag.value
+            if num > 0 and den > 0:
+                spacing[axis] = den / num
 
 
 def reading_axes(file_axes: str, shape: tuple[int, ...], *, photometric_rgb: bool) -> str:

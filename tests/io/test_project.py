@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from napari_segtool.errors import InputError
-from napari_segtool.io import project as project_module
+from napari_segtool.io import project_checks
 from napari_segtool.io.project import Project, ProjectState, default_project_dir, merge_untouched
 
 
@@ -340,7 +340,7 @@ def test_headers_are_checked_before_any_data_is_read(tmp_path, monkeypatch):
         return array
 
     monkeypatch.setattr(np.lib.format, "read_array", spy)
-    monkeypatch.setattr(project_module, "MAX_VOXELS", 4 * 16 * 16 - 1)
+    monkeypatch.setattr(project_checks, "MAX_VOXELS", 4 * 16 * 16 - 1)
     assert "more than" in _load_error(project)
     assert read == []  # not even the record
 
