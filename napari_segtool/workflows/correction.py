@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -65,8 +65,7 @@ class Trained:
     classes: ClassFit
 
 
-@dataclass(frozen=True)
-class Resegmentation:
+class Resegmentation(NamedTuple):
     """A new machine prediction of the whole image and its per-voxel uncertainty (0..1)."""
 
     labels: NDArray

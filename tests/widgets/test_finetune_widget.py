@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from napari_segtool._widgets import finetune as finetune_module
+from napari_segtool._widgets import finetune_session
 from napari_segtool._widgets.finetune import FinetuneWidget
 from napari_segtool.io.project import Project
 from tests.training.conftest import blobs, tiny_model
@@ -137,3 +138,32 @@ def test_ground_truth_layer_trains_without_corrections(setup, qtbot, errors):
     entry = widget.state.versions[0]
     assert entry["labelled_voxels"] == truth.size
     assert entry["val_dice"] is not None
+
+
+def test_closing_the_widget_gives_its_shortcut_back(make_napari_viewer, qtbot):
+    """Issue 11: widgets unbind what they bind; an earlier binding of the key comes back."""
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer = make_napari_viewer()
+    key = coerce_keybinding(finetune_session.REVIEW_KEY)
+    calls = []
+
+    def earlier(_viewer):
+        calls.append(1)
+
+    viewer.bind_key(finetune_session.REVIEW_KEY, earlier)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Fine-tune")
+    assert viewer.keymap[key] is widget._key_handler
+    viewer.window.remove_dock_widget(dock)
+    widget.native.deleteLater()
+    qtbot.waitUntil(lambda: widget._closed, timeout=5_000)
+    assert viewer.keymap[key] is earlier
+    # and without an earlier binding the key is free again
+    viewer.bind_key(finetune_session.REVIEW_KEY, None)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Fine-tune")
+    assert viewer.keymap[key] is widget._key_handler
+    viewer.window.remove_dock_widget(dock)
+    widget.native.deleteLater()
+    qtbot.waitUntil(lambda: widget._closed, timeout=5_000)
+    assert key not in viewer.keymap
+    assert calls == []
