@@ -8,16 +8,20 @@ the queue.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import napari
 import napari.layers
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox, create_widget
+from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
+from napari_segtool._widgets._closing import on_close
 from napari_segtool._widgets.roles import RoleDefault, apply_all, role
 from napari_segtool.active_learning import STRATEGIES, Unit, make_units, rank, score_units
 from napari_segtool.errors import InputError, SegtoolError
@@ -26,6 +30,7 @@ from napari_segtool.layer_roles import IMAGE, PREDICTION, REFERENCE, UNCERTAINTY
 logger = logging.getLogger(__name__)
 
 REVIEWED_KEY = "segtool_reviewed"  # set of reviewed slices, kept by the Fine-tune widget
+SCORE_IN_WORKER = 2**20  # voxels above which ranking leaves the UI thread (~10 ms and more)
 
 
 def check_uncertainty(name: str, data: np.ndarray, *, known: bool = False) -> None:
@@ -85,6 +90,10 @@ class QueueWidget(Container):
         self.native.layout().addWidget(self.table)
         self.queue: list[Unit] = []
         self._watched: napari.layers.Image | None = None
+        self._generation = 0  # of the latest ranking request
+        self._ranking = 0  # generation of the ranking running in a worker (0: none)
+        self._worker: Any = None
+        self._closed = False
         self._refresh_button.changed.connect(self.refresh)
         for w in (self._strategy, self._score, self._length, self._gap, self._tile, self._seed):
             w.changed.connect(self.refresh)
@@ -94,6 +103,7 @@ class QueueWidget(Container):
             RoleDefault(self._labels, napari.layers.Labels, PREDICTION, avoid=(REFERENCE,)),
             RoleDefault(self._uncertainty, napari.layers.Image, UNCERTAINTY, avoid=(IMAGE,)),
         )
+        on_close(self.native, self._teardown)
         self._watch()
 
     def reset_choices(self, *args: Any) -> None:
@@ -103,6 +113,8 @@ class QueueWidget(Container):
 
     def _watch(self, *_: Any) -> None:
         """Re-rank whenever the uncertainty layer gets new data (a new Segment run)."""
+        if self._closed:
+            return
         if self._watched is not None:
             self._watched.events.data.disconnect(self.refresh)
         self._watched = self._uncertainty.value
@@ -117,44 +129,88 @@ class QueueWidget(Container):
         return {int(z) for z in layer.metadata.get(REVIEWED_KEY, ())}
 
     def refresh(self, *_: Any) -> list[Unit]:
-        """Rank the units again from the current layers and controls."""
+        """Rank the units again from the current layers and controls.
+
+        Small volumes are ranked here and the queue is returned; above
+        :data:`SCORE_IN_WORKER` voxels the ranking runs in a worker, this returns ``[]`` and
+        :attr:`queue` fills when it is done (:attr:`ranking` is True meanwhile). A newer
+        request supersedes an older one still running.
+        """
+        self._generation += 1
+        generation = self._generation
+        request = self._collect()
+        if request is None:
+            return []
+        if request.labels.size <= SCORE_IN_WORKER:
+            try:
+                order = request.rank()
+            except SegtoolError as exc:
+                self._on_error(exc, generation)
+                return []
+            return self._show(order, generation)
+        self._status.value = "ranking..."
+        self._ranking = generation
+        # the labels may be painted meanwhile: the worker ranks a copy
+        request = dataclasses.replace(request, labels=request.labels.copy())
+        worker = create_worker(
+            request.rank,
+            _connect={"returned": lambda order: self._show(order, generation),
+                      "errored": lambda exc: self._on_error(exc, generation)},
+        )  # fmt: skip
+        self._worker = worker
+        return []
+
+    @property
+    def ranking(self) -> bool:
+        """Whether a ranking is running in a worker for the latest request."""
+        return self._ranking == self._generation
+
+    def _collect(self) -> _Request | None:
+        """Every layer and control value the ranking needs, read here on the main thread."""
         labels, unc = self._labels.value, self._uncertainty.value
         if labels is None:
             self._status.value = "pick the prediction (and its uncertainty layer)"
-            return []
-        try:
-            strategy = str(self._strategy.value)
-            data = np.asarray(labels.data)
-            if unc is None:
-                if strategy == "uncertainty":
-                    raise InputError(
-                        "no uncertainty layer: segment with flip TTA first, or pick a random "
-                        "strategy"
-                    )
-                u_data = np.zeros(data.shape, np.float32)
-            else:
-                u_data = np.asarray(unc.data)
-                if u_data.shape != data.shape:
-                    raise InputError(
-                        f"uncertainty {u_data.shape} and prediction {data.shape} differ in "
-                        "shape; pick the layers of one image"
-                    )
-                check_uncertainty(unc.name, u_data, known=role(unc) == UNCERTAINTY)
-            tile = None if data.ndim == 3 else int(self._tile.value)
-            reduce = "top" if str(self._score.value).startswith("top") else "mean"
-            units = score_units(make_units(data.shape, tile=tile), u_data, data, reduce=reduce)
-            order = rank(units, strategy=strategy, seed=int(self._seed.value),
-                         exclude=self.reviewed() if data.ndim == 3 else (),
-                         min_gap=int(self._gap.value))  # fmt: skip
-        except SegtoolError as exc:
-            self._status.value = "cannot rank"
-            show_error(f"Queue: {exc}")
-            return []
+            return None
+        data = np.asarray(labels.data)
+        return _Request(
+            labels=data,
+            uncertainty=None if unc is None else np.asarray(unc.data),
+            uncertainty_name="" if unc is None else unc.name,
+            known=unc is not None and role(unc) == UNCERTAINTY,
+            strategy=str(self._strategy.value),
+            reduce="top" if str(self._score.value).startswith("top") else "mean",
+            tile=None if data.ndim == 3 else int(self._tile.value),
+            seed=int(self._seed.value),
+            exclude=frozenset(self.reviewed()) if data.ndim == 3 else frozenset(),
+            min_gap=int(self._gap.value),
+        )
+
+    def _show(self, order: list[Unit], generation: int) -> list[Unit]:
+        if generation != self._generation or self._closed:
+            return []  # superseded by a newer request, or closed
+        self._ranking = 0
         self.queue = order[: int(self._length.value)]
         self._fill()
         done = len(self.reviewed())
         self._status.value = f"{len(order)} units left" + (f", {done} reviewed" if done else "")
         return self.queue
+
+    def _on_error(self, exc: Exception, generation: int) -> None:
+        if generation != self._generation or self._closed:
+            return
+        self._ranking = 0
+        self._status.value = "cannot rank"
+        show_error(f"Queue: {exc}")
+
+    def _teardown(self) -> None:
+        """Closed: stop following the uncertainty layer and drop a ranking in flight."""
+        if self._closed:
+            return
+        self._closed = True
+        self._generation += 1
+        if self._watched is not None:
+            self._watched.events.data.disconnect(self.refresh)
+            self._watched = None
 
     def _fill(self) -> None:
         self.table.setRowCount(len(self.queue))
@@ -183,3 +239,40 @@ class QueueWidget(Container):
         fit = float(self._viewer.scene.camera.zoom)
         self._viewer.scene.camera.zoom = 0.9 * fit * whole / max(extent, 1e-9)  # ...then the tile
         self._viewer.scene.camera.center = tuple(float(c) for c in centre)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One ranking, with everything read from the widgets: safe to run in a worker."""
+
+    labels: np.ndarray
+    uncertainty: np.ndarray | None
+    uncertainty_name: str
+    known: bool
+    strategy: str
+    reduce: str
+    tile: int | None
+    seed: int
+    exclude: frozenset[int]
+    min_gap: int
+
+    def rank(self) -> list[Unit]:
+        """The ranked units (any thread; reads no widget)."""
+        if self.uncertainty is None:
+            if self.strategy == "uncertainty":
+                raise InputError(
+                    "no uncertainty layer: segment with flip TTA first, or pick a random strategy"
+                )
+            unc = np.zeros(self.labels.shape, np.float32)
+        else:
+            unc = self.uncertainty
+            if unc.shape != self.labels.shape:
+                raise InputError(
+                    f"uncertainty {unc.shape} and prediction {self.labels.shape} differ in "
+                    "shape; pick the layers of one image"
+                )
+            check_uncertainty(self.uncertainty_name, unc, known=self.known)
+        units = make_units(self.labels.shape, tile=self.tile)
+        scored = score_units(units, unc, self.labels, reduce=self.reduce)
+        return rank(scored, strategy=self.strategy, seed=self.seed, exclude=self.exclude,
+                    min_gap=self.min_gap)  # fmt: skip

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from typing import Any
 
 import napari
 import napari.layers
 import numpy as np
 from magicgui.widgets import Container, Label, PushButton, create_widget
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget
 
+from napari_segtool._widgets._closing import on_close
+from napari_segtool._widgets._dice_plot import PLOT_EVERY_MS, DicePlot
 from napari_segtool._widgets._layout import fixed_width, set_cell
 from napari_segtool._widgets.roles import RoleDefault, apply_all, data_version
 from napari_segtool._widgets.segment import ORIGINAL_KEY
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 RECOUNT_IN_WORKER = 2**20  # voxels above which a full recount leaves the UI thread (~10 ms)
 TABLE_DELAY_MS = 20  # paint events update the tables this much later, after the canvas
-PLOT_EVERY_MS = 400  # the Dice plot is redrawn at most this often (an Agg draw is ~20 ms)
 
 
 class ReviewWidget(Container):
@@ -48,6 +47,37 @@ class ReviewWidget(Container):
                      self._distances])  # fmt: skip
         for label in (self._status, self._effort):
             fixed_width(label)  # a new text per paint must not relayout the docks
+        self._build_tables()
+        self._dice_plot = DicePlot(every_ms=PLOT_EVERY_MS)
+        self._canvas = self._dice_plot.canvas
+        # small minimums (the tables scroll): Review and Fine-tune docked on one side must
+        # still fit a 1080-pixel screen
+        for w, height in ((self.summary, 220), (self.slices, 100), (self._canvas, 110)):
+            w.setMinimumHeight(height)
+            self.native.layout().addWidget(w)
+        self.tracker: ConfusionTracker | None = None
+        self.effort_tracker: ConfusionTracker | None = None
+        self._layers: tuple[napari.layers.Labels, napari.layers.Labels] | None = None
+        self._versions: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._recounting = 0  # generation of the worker recount in flight (0: none)
+        self._missed: list[tuple[Any, str]] = []  # paint events while a worker recounts
+        self._workers: list[Any] = []
+        self._closed = False
+        self._build_timers()
+        self._edited.changed.connect(self.attach)
+        self._reference.changed.connect(self.attach)
+        self._distances.changed.connect(self.compute_distances)
+        self._viewer.dims.events.current_step.connect(self._refresh_slice_column)
+        labels = napari.layers.Labels
+        self._role_defaults = (
+            RoleDefault(self._reference, labels, REFERENCE, avoid=(PREDICTION,)),
+            RoleDefault(self._edited, labels, PREDICTION, avoid=(REFERENCE,)),
+        )
+        on_close(self.native, self._teardown)
+        self.attach()
+
+    def _build_tables(self) -> None:
+        """The summary (rows: the metric table) and the per-slice Dice/IoU table."""
         self.summary = QTableWidget(len(SUMMARY_KEYS), 2)
         self.summary.setHorizontalHeaderLabels(["image", "slice"])
         self.summary.setVerticalHeaderLabels(list(SUMMARY_KEYS))
@@ -58,34 +88,8 @@ class ReviewWidget(Container):
         self.slices.setHorizontalHeaderLabels(["Dice", "IoU"])
         self.slices.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.slices.cellClicked.connect(self._jump_to_slice)
-        self._figure = Figure(figsize=(3, 1.6))
-        self._figure.subplots_adjust(left=0.2, right=0.97, top=0.95, bottom=0.28)
-        self._axes = self._figure.add_subplot()
-        (self._line,) = self._axes.plot([], [], marker=".", lw=1)
-        self._axes.set_xlabel("editing time (s)", fontsize=7)
-        self._axes.set_ylabel("Dice", fontsize=7)
-        self._axes.tick_params(labelsize=6)
-        self._canvas = FigureCanvasQTAgg(self._figure)
-        # small minimums (the tables scroll): Review and Fine-tune docked on one side must
-        # still fit a 1080-pixel screen
-        self.summary.setMinimumHeight(220)
-        self.slices.setMinimumHeight(100)
-        self._canvas.setMinimumHeight(110)
-        for w in (self.summary, self.slices, self._canvas):
-            self.native.layout().addWidget(w)
-        self.tracker: ConfusionTracker | None = None
-        self.effort_tracker: ConfusionTracker | None = None
-        self._layers: tuple[napari.layers.Labels, napari.layers.Labels] | None = None
-        self._versions: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        self._recounting = 0  # generation of the worker recount in flight (0: none)
-        self._missed: list[tuple[Any, str]] = []  # paint events while a worker recounts
-        self._history: list[tuple[float, float]] = []
-        self._t0 = time.monotonic()
-        self._workers: list[Any] = []
-        self._plot_timer = QTimer(self.native)
-        self._plot_timer.setSingleShot(True)
-        self._plot_timer.setInterval(PLOT_EVERY_MS)
-        self._plot_timer.timeout.connect(self._plot)
+
+    def _build_timers(self) -> None:
         # the tables follow the paint events a frame later: repainting a dozen changed cells
         # in the same frame as the canvas would add to the time from a dab to its redraw
         self._pending: set[int] | None = set()  # slice rows to update (None: all)
@@ -93,17 +97,6 @@ class ReviewWidget(Container):
         self._table_timer.setSingleShot(True)
         self._table_timer.setInterval(TABLE_DELAY_MS)
         self._table_timer.timeout.connect(self.flush)
-        self._edited.changed.connect(self.attach)
-        self._reference.changed.connect(self.attach)
-        self._distances.changed.connect(self.compute_distances)
-        self._viewer.dims.events.current_step.connect(self._refresh_slice_column)
-        labels = napari.layers.Labels
-        self._role_defaults = (
-            RoleDefault(self._reference, labels, REFERENCE, avoid=(PREDICTION,)),
-            RoleDefault(self._edited, labels, PREDICTION, avoid=(REFERENCE,)),
-        )
-        self.native.destroyed.connect(self._teardown)
-        self.attach()
 
     def reset_choices(self, *args: Any) -> None:
         """Refresh the layer pickers, then point them at the layers of the right role."""
@@ -145,8 +138,7 @@ class ReviewWidget(Container):
         reference.events.paint.connect(self._on_reference_paint)
         edited.events.set_data.connect(self._on_set_data)
         reference.events.set_data.connect(self._on_set_data)
-        self._history = []
-        self._t0 = time.monotonic()
+        self._dice_plot.reset()
         self._status.value = f"{edited.name} vs {reference.name}"
         self.recount()
 
@@ -301,9 +293,7 @@ class ReviewWidget(Container):
                 self.effort_tracker.totals()))  # fmt: skip
             share = changed / max(self.effort_tracker.pred.size, 1)
             self._effort.value = f"{changed} voxels changed ({100 * share:.2f} %)"
-        self._history.append((time.monotonic() - self._t0, float(whole["dice"])))
-        if not self._plot_timer.isActive():  # at most one redraw per PLOT_EVERY_MS
-            self._plot_timer.start()
+        self._dice_plot.add(float(whole["dice"]))
 
     def _refresh_slice_column(self, *_: Any) -> None:
         z = self._current_slice()
@@ -327,17 +317,6 @@ class ReviewWidget(Container):
             m = self.tracker.metrics(z)
             set_cell(self.slices, z, 0, METRIC["dice"].format(m["dice"]))
             set_cell(self.slices, z, 1, METRIC["iou"].format(m["iou"]))
-
-    def _plot(self) -> None:
-        """Update the Dice-vs-time line (one artist, redrawn when Qt is idle)."""
-        if self._history:
-            t, d = zip(*self._history, strict=True)
-            self._line.set_data(t, d)
-        else:
-            self._line.set_data([], [])
-        self._axes.relim()
-        self._axes.autoscale_view()
-        self._canvas.draw_idle()
 
     def _jump_to_slice(self, row: int, _col: int = 0) -> None:
         self._viewer.dims.set_current_step(0, row)
@@ -381,7 +360,15 @@ class ReviewWidget(Container):
         self._distances.enabled = True
 
     def _teardown(self, *_: Any) -> None:
+        """Closed: let go of the layers and the viewer, and stop the workers."""
+        if self._closed:
+            return
+        self._closed = True
         self._detach()
+        self._viewer.dims.events.current_step.disconnect(self._refresh_slice_column)
+        self._dice_plot.stop()
+        with contextlib.suppress(RuntimeError):  # the Qt side may be gone already
+            self._table_timer.stop()
         for worker in self._workers:
             worker.quit()
 

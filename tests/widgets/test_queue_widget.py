@@ -76,3 +76,62 @@ def test_missing_uncertainty_is_a_notification(make_napari_viewer, errors):
     assert "segment with flip TTA first" in errors[-1]
     widget._strategy.value = "random"
     assert len(widget.refresh()) == 3
+
+
+def test_large_volumes_rank_in_a_worker_and_the_newest_request_wins(
+    make_napari_viewer, qtbot, monkeypatch
+):
+    viewer, widget = _stack_viewer(make_napari_viewer)
+    widget._gap.value = 0
+    small = [u.index for u in widget.queue]  # ranked here: 8 x 32 x 32 is small
+    assert small[:4] == [1, 3, 5, 7]
+    monkeypatch.setattr(queue_module, "SCORE_IN_WORKER", 100)
+    ran_on = []
+    real = queue_module._Request.rank
+
+    def spy(self):
+        import threading
+
+        ran_on.append(threading.current_thread() is threading.main_thread())
+        return real(self)
+
+    monkeypatch.setattr(queue_module._Request, "rank", spy)
+    widget.queue = []
+    assert widget.refresh() == []  # handed to a worker
+    assert widget.ranking
+    viewer.layers["pred"].metadata[REVIEWED_KEY] = {1, 3}
+    widget.refresh()  # a newer request supersedes the first
+    qtbot.waitUntil(lambda: not widget.ranking, timeout=10_000)
+    assert ran_on
+    assert not any(ran_on)  # never on the UI thread
+    assert [u.index for u in widget.queue[:2]] == [5, 7]  # the newer request's answer
+    qtbot.wait(200)  # the first request's late answer does not overwrite it
+    assert [u.index for u in widget.queue[:2]] == [5, 7]
+    assert widget.table.item(0, 0).text() == "slice 5"
+
+
+def test_large_volume_errors_arrive_as_notifications(make_napari_viewer, qtbot, monkeypatch,
+                                                     errors):  # fmt: skip
+    viewer = make_napari_viewer()
+    viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="pred")
+    viewer.add_image(np.full((3, 8, 8), 5.0, np.float32), name="raw")
+    monkeypatch.setattr(queue_module, "SCORE_IN_WORKER", 10)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Queue")
+    widget._labels.value = viewer.layers["pred"]
+    widget._uncertainty.value = viewer.layers["raw"]
+    qtbot.waitUntil(lambda: bool(errors) and not widget.ranking, timeout=10_000)
+    assert "not an uncertainty map" in errors[-1]
+    assert widget._status.value == "cannot rank"
+
+
+def test_closing_stops_following_the_uncertainty_layer(make_napari_viewer):
+    viewer, widget = _stack_viewer(make_napari_viewer)
+    unc = viewer.layers["unc"]
+    before = len(unc.events.data.callbacks)
+    dock = next(d for d in viewer.window._wrapped_dock_widgets.values()
+                if d.widget() is widget.native)  # fmt: skip
+    viewer.window.remove_dock_widget(dock)
+    assert len(unc.events.data.callbacks) == before - 1
+    widget.queue = []
+    unc.data = np.ones((8, 32, 32), np.float32)  # no re-ranking in a closed widget
+    assert widget.queue == []

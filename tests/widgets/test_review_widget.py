@@ -3,7 +3,7 @@ import pytest
 
 from napari_segtool._widgets import review as review_module
 from napari_segtool._widgets.review import ReviewWidget
-from napari_segtool.metrics import evaluate, overlap_metrics
+from napari_segtool.metrics import METRIC, evaluate, overlap_metrics
 
 
 @pytest.fixture
@@ -103,3 +103,59 @@ def test_mismatched_layers_are_a_notification(make_napari_viewer, errors):
     c = viewer.add_labels(np.zeros((4, 10, 10), np.uint8), name="c", scale=(3, 1, 1))
     widget._reference.value = c
     assert "scale" in errors[-1]
+
+
+def test_paint_during_a_real_worker_recount_matches_a_fresh_count(make_napari_viewer, qtbot):
+    """Above the default recount size (no monkeypatch): edits while the worker counts."""
+    from napari_segtool._widgets.segment import ORIGINAL_KEY
+    from napari_segtool.metrics import ConfusionTracker
+
+    shape = (5, 480, 480)  # 1.15 M voxels
+    assert np.prod(shape) > review_module.RECOUNT_IN_WORKER
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(5)
+    ref = (rng.random(shape) < 0.3).astype(np.uint8)
+    pred = ref.copy()
+    pred[1, 100:200, 100:200] = 1
+    original = pred.copy()
+    original.setflags(write=False)
+    reference = viewer.add_labels(ref, name="ref")
+    edited = viewer.add_labels(pred, name="pred", metadata={ORIGINAL_KEY: original})
+    widget = open_review(viewer, edited, reference)
+    assert widget._recounting  # the first count went to a worker
+    edited.brush_size = 7
+    edited.paint((2, 50, 50), 2)  # painted while the worker counts
+    reference.paint((3, 60, 60), 1)
+    qtbot.waitUntil(lambda: widget.tracker is not None and not widget._recounting,
+                    timeout=30_000)  # fmt: skip
+    edited.data_setitem((np.array([4, 4]), np.array([7, 8]), np.array([7, 8])), 3)
+    edited.undo()  # a second worker recount...
+    assert widget._recounting
+    edited.paint((0, 300, 300), 2)  # ...with a paint meanwhile
+    qtbot.waitUntil(lambda: not widget._recounting, timeout=30_000)
+    fresh = ConfusionTracker(edited.data, reference.data)
+    np.testing.assert_array_equal(widget.tracker.totals(), fresh.totals())
+    np.testing.assert_array_equal(widget.tracker.confusion[:, :2, :2], fresh.confusion[:, :2, :2])
+    for key in ("dice", "iou", "precision", "recall"):
+        assert widget.value(key) == METRIC[key].format(fresh.metrics()[key])
+    effort = ConfusionTracker(edited.data, original)
+    changed = int(effort.totals().sum() - np.trace(effort.totals()))
+    widget.flush()
+    assert widget._effort.value.startswith(f"{changed} voxels")
+
+
+def test_closing_disconnects_from_the_viewer_and_layers(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    edited, reference = make_pair(viewer)
+    steps = len(viewer.dims.events.current_step.callbacks)
+    paints = len(edited.events.paint.callbacks)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Review")
+    widget._edited.value, widget._reference.value = edited, reference
+    assert len(viewer.dims.events.current_step.callbacks) == steps + 1
+    assert len(edited.events.paint.callbacks) == paints + 1
+    viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    assert len(viewer.dims.events.current_step.callbacks) == steps
+    assert len(edited.events.paint.callbacks) == paints
+    assert widget.tracker is None
+    viewer.dims.set_current_step(0, 3)  # nothing left to call back into the closed widget
+    edited.paint((1, 5, 5), 1)
