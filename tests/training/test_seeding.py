@@ -1,6 +1,7 @@
 """Seeds are explicit and local: training and MC dropout never touch torch's global state."""
 
 import numpy as np
+import pytest
 import torch
 
 from napari_segtool.active_learning.uncertainty import mc_dropout
@@ -76,3 +77,15 @@ def test_torch_random_streams_continue_across_blocks():
     with TorchRandom(3, torch.device("cpu")).active():
         expected = torch.rand(8)
     assert torch.equal(torch.cat([first, second]), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_random_on_cuda_keeps_the_global_cuda_state():
+    device = torch.device("cuda")
+    before = torch.cuda.get_rng_state(device)
+    with TorchRandom(4, device).active():
+        a = torch.rand(5, device=device)
+    assert torch.equal(torch.cuda.get_rng_state(device), before)
+    with TorchRandom(4, device).active():
+        assert torch.equal(torch.rand(5, device=device), a)
