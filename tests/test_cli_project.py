@@ -156,11 +156,14 @@ def test_an_unexpected_error_is_one_line_and_exit_1_and_debug_shows_it(
         "napari-segtool project: error: unexpected RuntimeError: disk on fire "
         "(run with --debug for the traceback)\n"
     )
-    assert main(["--debug", "project", str(folder)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("Traceback (most recent call last):")
-    assert "in broken" in err
-    assert err.endswith("napari-segtool project: error: unexpected RuntimeError: disk on fire\n")
+    for argv in (["--debug", "project", str(folder)], ["project", str(folder), "--debug"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):")
+        assert "in broken" in err
+        assert err.endswith(
+            "napari-segtool project: error: unexpected RuntimeError: disk on fire\n"
+        )
 
 
 def test_demo_help_lists_its_options(capsys):

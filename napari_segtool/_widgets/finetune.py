@@ -319,7 +319,7 @@ class FinetuneWidget(ProjectSession):
             show_error("Fine-tune: open a project first")
             return None
         worker = create_worker(
-            iter_resegment, self.project, self.state.snapshot(), self._image_data(),
+            iter_resegment, self.project, self._image_data(), self.state.snapshot(),
             device=str(self._device.value),
             _connect={"returned": self._merge, "errored": self._on_error},
         )  # fmt: skip

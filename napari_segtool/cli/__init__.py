@@ -27,6 +27,7 @@ from napari_segtool.errors import SegtoolError
 __all__ = ["build_parser", "main"]
 
 GROUPS = (segment, train, project, models)
+DEBUG_HELP = "print the traceback of an error, not only its one line"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Human-in-the-loop U-Net segmentation of 2D images and 3D stacks.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    parser.add_argument("--debug", action="store_true",
-                        help="print the traceback of an error, not only its one line")  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.add_parsers(sub)
+    for command in sub.choices.values():  # also after the command: `finetune DIR --debug`
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 

@@ -205,7 +205,7 @@ def record_version(
 
 
 def iter_resegment(
-    project: Project, state: ProjectState, image: NDArray, *, device: str = "auto"
+    project: Project, image: NDArray, state: ProjectState, *, device: str = "auto"
 ) -> Generator[Progress, None, Resegmentation]:
     """Segment ``image`` with the model in use, with flip TTA for a fresh uncertainty map.
 
@@ -269,7 +269,7 @@ def iter_correction_round(
     changed = None
     if entry["promoted"] and save:
         device = (config or FinetuneConfig()).device
-        segmentation = yield from iter_resegment(project, state, image, device=device)
+        segmentation = yield from iter_resegment(project, image, state, device=device)
         changed = merge_resegmentation(state, segmentation)
         project.save(state)
     logger.info("correction round: version %d, promoted %s", entry["version"], entry["promoted"])

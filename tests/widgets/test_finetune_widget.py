@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,32 @@ def test_closing_the_widget_gives_its_shortcut_back(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: widget._closed, timeout=5_000)
     assert key not in viewer.keymap
     assert calls == []
+
+
+def test_a_round_run_on_the_command_line_shows_when_the_project_is_reopened(
+    setup, tmp_path, capsys, errors
+):
+    """Issue 11: annotate here, train headless, reopen: the new version is listed and used."""
+    from napari_segtool.cli import main
+    from napari_segtool.io import write_image
+    from napari_segtool.workflows import create_project
+
+    viewer, widget, truth = setup
+    image = write_image(tmp_path / "cells.tif", viewer.layers["cells"].data)
+    folder = tmp_path / "cells.segtool"
+    create_project(Project(folder), labels=truth, image_shape=truth.shape, reviewed=[0, 1, 2],
+                   base_model=str(tmp_path / "start.pt"))  # fmt: skip
+    argv = ["finetune", str(folder), "--image", str(image), "--epochs", "2",
+            "--steps-per-epoch", "6", "--learning-rate", "0.01", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    saved = Project(folder).load()
+    assert widget.open_project()  # the command let the project go when its round ended
+    assert not errors
+    assert [v["version"] for v in widget.state.versions] == [1]
+    assert widget.state.current_version == (1 if out["promoted"] else None)
+    assert widget.versions.rowCount() == 2
+    assert widget.versions.item(1, 0).text() == "1"
+    assert widget.versions.item(1, 1).text() == f"{out['val_dice']:.4f}"
+    assert widget.versions.item(1, 3).text() == ("yes" if out["promoted"] else "")
+    assert np.array_equal(viewer.layers["cells prediction"].data, saved.labels)

@@ -133,7 +133,7 @@ def test_the_gui_path_records_on_a_snapshot_and_merges_into_the_live_state(corre
     live.labels[4, 30:34, 30:34] = 2  # painted while the round ran
     live.painted[4, 30:34, 30:34] = True
     live.versions, live.current_version = snapshot.versions, snapshot.current_version
-    segmentation = run_to_end(iter_resegment(project, live, image, device="cpu"))
+    segmentation = run_to_end(iter_resegment(project, image, live, device="cpu"))
     assert segmentation.uncertainty.shape == image.shape
     assert 0 <= segmentation.uncertainty.min() <= segmentation.uncertainty.max() <= 1
     protected = live.protected()
