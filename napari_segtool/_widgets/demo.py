@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import napari
 import napari.layers
@@ -74,107 +75,121 @@ def run_demo(
     is true) and close instead of waiting for the user. ``review`` (implies ``segment``) docks
     the Review widget on the prediction against the sample's reference and corrects part of
     the middle slice through paint edits before the picture. ``finetune`` (implies
-    ``segment``) docks the Fine-tune widget, corrects three slices completely, marks them
-    reviewed and runs one fine-tuning round (project in ``project``, default a temporary
-    folder) before the picture.
+    ``segment``; ignored with ``review``) docks the Fine-tune widget, corrects three slices
+    completely, marks them reviewed and runs one fine-tuning round (project in ``project``,
+    default a temporary folder) before the picture.
     """
     if screenshot is not None:  # napari's own PyQt5 notice would cover part of the picture
         warnings.filterwarnings("ignore", message="napari support for the PyQt5")
     viewer, widget = open_demo(sample)
-    status = {"code": 0}
-    segment = segment or review or finetune
-    if screenshot is None and not segment:
+    if screenshot is None and not (segment or review or finetune):
         napari.run()
         return 0
-    viewer.window.resize(1500, 1000 if (review or finetune) else 850)
+    run = _ScriptedDemo(viewer, widget, screenshot=screenshot, review=review,
+                        finetune=finetune, project=project)  # fmt: skip
+    QTimer.singleShot(500, run.begin)
+    napari.run()
+    return run.code
 
-    def finish() -> None:
-        if screenshot is not None:
-            for toast in viewer.window._qt_window.findChildren(QWidget):
+
+class _ScriptedDemo:
+    """The demo's script: segment, then show Review or Fine-tune at work, then the picture."""
+
+    def __init__(self, viewer: napari.Viewer, widget: SegmentWidget, *,
+                 screenshot: Path | None, review: bool, finetune: bool,
+                 project: Path | None):  # fmt: skip
+        self.viewer, self.widget = viewer, widget
+        self.screenshot, self.review, self.finetune = screenshot, review, finetune
+        self.project = project
+        self.code = 0
+        self._waited_ms = 0
+        viewer.window.resize(1500, 1000 if (review or finetune) else 850)
+
+    def fail(self) -> None:
+        self.code = 1
+        self.finish()
+
+    def finish(self) -> None:
+        if self.screenshot is not None:
+            for toast in self.viewer.window._qt_window.findChildren(QWidget):
                 if type(toast).__name__ == "NapariQtNotification":  # napari's own notices
                     toast.close()
             QApplication.processEvents()
-            viewer.screenshot(str(screenshot), canvas_only=False, flash=False)
-        viewer.close()
+            self.viewer.screenshot(str(self.screenshot), canvas_only=False, flash=False)
+        self.viewer.close()
 
-    def after_run() -> None:
-        if widget._status.value == "failed":
-            status["code"] = 1
-        if status["code"] == 0 and (review or finetune):
-            widget.dock.hide()  # room for the widget being shown
-        if status["code"] == 0 and review:
-            start_review()  # takes the picture itself when the correction is shown
-        elif finetune and status["code"] == 0:
-            start_finetune()
+    def begin(self) -> None:
+        worker = self.widget.start()
+        if worker is None:
+            self.fail()
+            return
+        worker.finished.connect(self.after_segment)
+
+    def after_segment(self) -> None:
+        if self.widget._status.value == "failed":
+            self.fail()
+            return
+        if self.review or self.finetune:
+            self.widget.dock.hide()  # room for the widget being shown
+        if self.review:
+            self.start_review()  # takes the picture itself when the correction is shown
+        elif self.finetune:
+            self.start_finetune()
         else:
-            QTimer.singleShot(300, finish)
+            QTimer.singleShot(300, self.finish)
 
-    def start_finetune() -> None:
+    # -- Review ---------------------------------------------------------------------------------
+    def start_review(self) -> None:
+        edited, reference = _prediction_and_reference(self.viewer)
+        _, panel = self.viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
+        panel._edited.value = edited
+        panel._reference.value = reference
+        self._correct_when_counted(panel, edited, reference)
+
+    def _correct_when_counted(
+        self, panel: Any, edited: napari.layers.Labels, reference: napari.layers.Labels
+    ) -> None:
+        """Correct once the first count (in a worker for a large stack) is in."""
+        if panel.tracker is None or panel._recounting:
+            QTimer.singleShot(200, lambda: self._correct_when_counted(panel, edited, reference))
+            return
+        z = int(self.viewer.dims.current_step[0]) if edited.ndim == 3 else 0
+        correct_like_a_user(edited, reference, z)
+        edited.selected_label = 1
+        panel.flush()
+        QTimer.singleShot(1000, self.finish)  # the Dice plot redraws within PLOT_EVERY_MS
+
+    # -- Fine-tune ------------------------------------------------------------------------------
+    def start_finetune(self) -> None:
         import tempfile
 
-        edited, reference = _prediction_and_reference(viewer)
-        _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
+        edited, reference = _prediction_and_reference(self.viewer)
+        _, panel = self.viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
         panel._labels.value = edited
-        folder = project or Path(tempfile.mkdtemp()) / "demo.segtool"
-        panel._folder.value = folder
+        panel._folder.value = self.project or Path(tempfile.mkdtemp()) / "demo.segtool"
         # a short round, so the demo finishes in about a minute on a 2-core CPU
         panel._epochs.value, panel._steps.value = DEMO_EPOCHS, DEMO_STEPS
         if not panel.open_project():
-            status["code"] = 1
-            finish()
+            self.fail()
             return
-        here = int(viewer.dims.current_step[0]) if edited.ndim == 3 else 0
+        dims = self.viewer.dims
+        here = int(dims.current_step[0]) if edited.ndim == 3 else 0
         for z in (here, here - 4, here + 4) if edited.ndim == 3 else (0,):
             correct_like_a_user(edited, reference, z, box=max(edited.data.shape[-2:]))
-            viewer.dims.set_current_step(0, z)
+            dims.set_current_step(0, z)
             panel.toggle_reviewed()
-        viewer.dims.set_current_step(0, here)
+        dims.set_current_step(0, here)
         worker = panel.start()
         if worker is None:
-            status["code"] = 1
-            finish()
+            self.fail()
             return
-        waited = {"ms": 0}
+        worker.finished.connect(lambda: QTimer.singleShot(500, lambda: self._settled(panel)))
 
-        def when_settled() -> None:  # a promoted version re-segments after training
-            text = str(panel._status.value)
-            waited["ms"] += 500
-            if panel.worker is None and ("re-segmenting" not in text or waited["ms"] > 120_000):
-                QTimer.singleShot(300, finish)
-            else:
-                QTimer.singleShot(500, when_settled)
-
-        worker.finished.connect(lambda: QTimer.singleShot(500, when_settled))
-
-    def start_review() -> None:
-        edited, reference = _prediction_and_reference(viewer)
-        _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
-        panel._edited.value = edited
-        panel._reference.value = reference
-
-        def correct() -> None:  # once the first count (in a worker for a large stack) is in
-            if panel.tracker is None or panel._recounting:
-                QTimer.singleShot(200, correct)
-                return
-            z = int(viewer.dims.current_step[0]) if edited.ndim == 3 else 0
-            correct_like_a_user(edited, reference, z)
-            edited.selected_label = 1
-            panel.flush()
-            QTimer.singleShot(1000, finish)  # the Dice plot redraws within PLOT_EVERY_MS
-
-        correct()
-
-    def begin() -> None:
-        if segment:
-            worker = widget.start()
-            if worker is None:
-                status["code"] = 1
-                finish()
-                return
-            worker.finished.connect(after_run)
+    def _settled(self, panel: Any) -> None:
+        """Wait for a promoted version's re-segmentation, then take the picture."""
+        self._waited_ms += 500
+        busy = "re-segmenting" in str(panel._status.value) and self._waited_ms <= 120_000
+        if panel.worker is None and not busy:
+            QTimer.singleShot(300, self.finish)
         else:
-            QTimer.singleShot(300, finish)
-
-    QTimer.singleShot(500, begin)
-    napari.run()
-    return status["code"]
+            QTimer.singleShot(500, lambda: self._settled(panel))
