@@ -40,6 +40,7 @@ def _model_row(entry: Any) -> dict[str, Any]:
     model = load_model(entry.name)
     return {
         "name": entry.name,
+        "architecture": model.config.architecture,
         "spatial_dims": model.spatial_dims,
         "in_channels": model.config.in_channels,
         "classes": list(model.class_names),
@@ -63,7 +64,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             for k, v in row["held_out"].items()
             if not isinstance(v, list)
         )
-        line = f"{row['name']:<18} {row['spatial_dims']}D  classes: {', '.join(row['classes'])}"
+        line = (f"{row['name']:<18} {row['spatial_dims']}D {row['architecture']}  classes: "
+                f"{', '.join(row['classes'])}")  # fmt: skip
         print(line)  # noqa: T201
         print(f"{'':<18} {row['description']}")  # noqa: T201
         if figures:

@@ -19,7 +19,7 @@ from napari_segtool.cli._common import (
     tile_shape,
     write_json,
 )
-from napari_segtool.config import DEVICES, FinetuneConfig, ModelConfig
+from napari_segtool.config import ARCHITECTURES, DEVICES, FinetuneConfig, ModelConfig
 from napari_segtool.errors import InputError
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("--validation-fraction", type=float, default=fdef.validation_fraction)
     tr.add_argument("--patience", type=int, default=fdef.patience)
     tr.add_argument("--dims", type=int, choices=(2, 3), default=2, help="a new model's dims")
+    tr.add_argument("--arch", choices=ARCHITECTURES, default=ModelConfig().architecture,
+                    help="a new model's architecture: unet or resunet")  # fmt: skip
     tr.add_argument("--seed", type=int, default=fdef.seed)
     tr.add_argument("--resume", action="store_true",
                     help="continue the training run saved in --init (epoch count, optimizer) "
@@ -106,7 +108,7 @@ def _start_model(args: argparse.Namespace, image: np.ndarray, labels: np.ndarray
     rgb = image.ndim == labels.ndim + 1
     values = label_values_present(labels, mask=mask)  # one channel per value present
     config = ModelConfig(spatial_dims=args.dims, in_channels=image.shape[-1] if rgb else 1,
-                         out_channels=len(values))  # fmt: skip
+                         out_channels=len(values), architecture=args.arch)  # fmt: skip
     return SegmentationModel.new(config, seed=args.seed, name=args.output.stem,
                                  label_values=values)  # fmt: skip
 
