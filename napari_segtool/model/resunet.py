@@ -17,6 +17,7 @@ from napari_segtool.config import ModelConfig
 from napari_segtool.model.unet import (
     UNet,
     conv_class,
+    conv_pair,
     conv_size,
     encoder_decoder_size,
     norm_layer,
@@ -53,25 +54,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, in_ch: int, out_ch: int, dropout: float = 0.0):
         super().__init__()
-        conv = conv_class(config.spatial_dims)
-        bias = config.norm == "none"
-        layers: list[nn.Module] = [
-            conv(in_ch, out_ch, kernel_size=3, padding=1, bias=bias),
-            norm_layer(config, out_ch),
-            nn.LeakyReLU(0.01, inplace=True),
-        ]
-        if dropout > 0:
-            drop = nn.Dropout2d if config.spatial_dims == 2 else nn.Dropout3d
-            layers.append(drop(dropout))
-        layers += [
-            conv(out_ch, out_ch, kernel_size=3, padding=1, bias=bias),
-            norm_layer(config, out_ch),
-        ]
-        self.body = nn.Sequential(*layers)
+        self.body = nn.Sequential(*conv_pair(config, in_ch, out_ch, dropout, last_act=False))
         self.skip: nn.Module = nn.Identity()
         if in_ch != out_ch:
+            conv = conv_class(config.spatial_dims)
             self.skip = nn.Sequential(
-                conv(in_ch, out_ch, kernel_size=1, bias=bias), norm_layer(config, out_ch)
+                conv(in_ch, out_ch, kernel_size=1, bias=config.norm == "none"),
+                norm_layer(config, out_ch),
             )
         self.act = nn.LeakyReLU(0.01, inplace=True)
 

@@ -88,22 +88,34 @@ class ConvBlock(nn.Sequential):
     """Two 3x3(x3) convolutions, each followed by normalisation and LeakyReLU."""
 
     def __init__(self, config: ModelConfig, in_ch: int, out_ch: int, dropout: float = 0.0):
-        conv = conv_class(config.spatial_dims)
-        bias = config.norm == "none"
-        layers: list[nn.Module] = [
-            conv(in_ch, out_ch, kernel_size=3, padding=1, bias=bias),
-            norm_layer(config, out_ch),
-            nn.LeakyReLU(0.01, inplace=True),
-        ]
-        if dropout > 0:
-            drop = nn.Dropout2d if config.spatial_dims == 2 else nn.Dropout3d
-            layers.append(drop(dropout))
-        layers += [
-            conv(out_ch, out_ch, kernel_size=3, padding=1, bias=bias),
-            norm_layer(config, out_ch),
-            nn.LeakyReLU(0.01, inplace=True),
-        ]
-        super().__init__(*layers)
+        super().__init__(*conv_pair(config, in_ch, out_ch, dropout))
+
+
+def conv_pair(
+    config: ModelConfig, in_ch: int, out_ch: int, dropout: float = 0.0, *, last_act: bool = True
+) -> list[nn.Module]:
+    """conv-norm-LeakyReLU, optional dropout, conv-norm(-LeakyReLU): a level's two convolutions.
+
+    Shared by :class:`ConvBlock` and the residual block (which adds its input before the last
+    activation, so it asks for ``last_act=False``); the order fixes the weights' names.
+    """
+    conv = conv_class(config.spatial_dims)
+    bias = config.norm == "none"
+    layers: list[nn.Module] = [
+        conv(in_ch, out_ch, kernel_size=3, padding=1, bias=bias),
+        norm_layer(config, out_ch),
+        nn.LeakyReLU(0.01, inplace=True),
+    ]
+    if dropout > 0:
+        drop = nn.Dropout2d if config.spatial_dims == 2 else nn.Dropout3d
+        layers.append(drop(dropout))
+    layers += [
+        conv(out_ch, out_ch, kernel_size=3, padding=1, bias=bias),
+        norm_layer(config, out_ch),
+    ]
+    if last_act:
+        layers.append(nn.LeakyReLU(0.01, inplace=True))
+    return layers
 
 
 class UNet(nn.Module):
