@@ -21,6 +21,14 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 NORMS: tuple[str, ...] = ("batch", "instance", "group", "none")
 ARCHITECTURES: tuple[str, ...] = ("unet", "resunet")
 """Network architectures a model may use; each is built by :mod:`napari_segtool.model.registry`."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+"""How the network computes: float32, bfloat16 or float16 autocast, or ``auto`` (measured; see
+:mod:`napari_segtool.inference.execution`)."""
+CompileMode = Literal["auto", "on", "off"]
+COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")
+MemoryFormat = Literal["channels_last", "contiguous"]
+MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "contiguous")
 MAX_IN_CHANNELS = 64
 """Most image channels a model may read."""
 MAX_CLASSES = 256
@@ -142,6 +150,16 @@ class NormalizationConfig:
         return {"lower": self.lower, "upper": self.upper}
 
 
+def check_execution(*, precision: str, memory_format: str, compile: str = "off") -> None:
+    """Refuse unknown execution options, naming the allowed values."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if compile not in COMPILE_MODES:
+        raise InputError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    if memory_format not in MEMORY_FORMATS:
+        raise InputError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """How a model is applied to an image.
@@ -160,8 +178,14 @@ class InferenceConfig:
         Tiles per forward pass; halved automatically on a CUDA out-of-memory error.
     device : {"auto", "cpu", "cuda", "mps"}
         ``"auto"`` picks CUDA, then MPS, then the CPU.
-    amp : bool
-        Mixed precision (float16 autocast) on CUDA; ignored elsewhere.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        ``auto`` measures one batch in float32 and in the device's reduced precision (float16
+        on CUDA, bfloat16 on CPUs with native support) and keeps the faster, if clearly so.
+    compile : {"auto", "on", "off"}
+        ``torch.compile`` the network; ``auto`` only when the job is long enough for the
+        warm-up to pay back (never for a single small image).
+    memory_format : {"channels_last", "contiguous"}
+        Layout of the network's weights and inputs; channels-last is faster on CPU and CUDA.
     tta : bool
         Flip test-time augmentation: average the probabilities over all axis flips and report
         the normalised predictive entropy as a per-voxel uncertainty.
@@ -175,7 +199,9 @@ class InferenceConfig:
     blend: Literal["gaussian", "constant"] = "gaussian"
     batch_size: int = 4
     device: Device = "auto"
-    amp: bool = True
+    precision: Precision = "auto"
+    compile: CompileMode = "auto"
+    memory_format: MemoryFormat = "channels_last"
     tta: bool = False
     mc_dropout: bool = False
 
@@ -192,6 +218,9 @@ class InferenceConfig:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {DEVICES}, got {self.device!r}")
+        check_execution(
+            precision=self.precision, compile=self.compile, memory_format=self.memory_format
+        )
 
     def with_(self, **changes: Any) -> InferenceConfig:
         """Return a copy with some fields changed."""
@@ -215,7 +244,8 @@ class TrainingConfig:
     steps_per_epoch: int = 50
     seed: int = 0
     device: Device = "auto"
-    amp: bool = True
+    precision: Precision = "auto"
+    memory_format: MemoryFormat = "channels_last"
     class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -227,6 +257,7 @@ class TrainingConfig:
             raise InputError("steps and steps_per_epoch must be >= 1")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {DEVICES}, got {self.device!r}")
+        check_execution(precision=self.precision, memory_format=self.memory_format)
 
 
 @dataclass(frozen=True)
@@ -250,8 +281,8 @@ class FinetuneConfig:
         Stop after this many epochs without a better validation Dice.
     seed : int
         Seeds the validation split, patch sampling and augmentation.
-    device, amp
-        As for inference.
+    device, precision, memory_format
+        As for inference (training never compiles: a round is too short to pay back).
     """
 
     epochs: int = 6
@@ -263,7 +294,8 @@ class FinetuneConfig:
     patience: int = 3
     seed: int = 0
     device: Device = "auto"
-    amp: bool = True
+    precision: Precision = "auto"
+    memory_format: MemoryFormat = "channels_last"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
@@ -282,6 +314,7 @@ class FinetuneConfig:
             raise InputError(f"patience must be >= 1, got {self.patience}")
         if self.device not in DEVICES:
             raise InputError(f"device must be one of {DEVICES}, got {self.device!r}")
+        check_execution(precision=self.precision, memory_format=self.memory_format)
 
     def replace(self, **changes: Any) -> FinetuneConfig:
         return replace(self, **changes)

@@ -132,8 +132,8 @@ def iter_simulate(
     ft = cfg.finetune.replace(seed=seed)
     # every strategy is judged on the same plain prediction; only the uncertainty strategy
     # pays for a flip-TTA run, to score the units
-    plain = InferenceConfig(device=ft.device, batch_size=ft.batch_size)
-    with_tta = InferenceConfig(device=ft.device, batch_size=ft.batch_size, tta=True)
+    plain = InferenceConfig(device=ft.device, batch_size=ft.batch_size, precision=ft.precision)
+    with_tta = plain.with_(tta=True)
     current = model
     curve: list[RoundPoint] = []
     for r in range(cfg.rounds + 1):
@@ -179,7 +179,8 @@ def reference_dice(
     held = set(held_out_units(units, cfg.held_out_fraction))
     mask = _mask(labels.shape, units, {u.index for u in units if u.index not in held})
     result = _train(model, image, labels, mask, cfg.finetune.replace(seed=seed))
-    pred = segment(image, result.model, config=InferenceConfig(device=cfg.finetune.device)).labels
+    inference = InferenceConfig(device=cfg.finetune.device, precision=cfg.finetune.precision)
+    pred = segment(image, result.model, config=inference).labels
     return _dice(pred, labels, _mask(labels.shape, units, held), result.model)
 
 

@@ -12,7 +12,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from napari_segtool.cli._common import check_learning_rate, emit, read_labels, read_mask, slices
+from napari_segtool.cli._common import (
+    add_precision_flag,
+    check_learning_rate,
+    emit,
+    read_labels,
+    read_mask,
+    slices,
+)
 from napari_segtool.config import DEVICES, FinetuneConfig
 from napari_segtool.errors import InputError
 
@@ -53,6 +60,7 @@ def add_parsers(sub: Any) -> None:
     ft.add_argument("--steps-per-epoch", type=int, default=fdef.steps_per_epoch)
     ft.add_argument("--learning-rate", type=float, default=fdef.learning_rate)
     ft.add_argument("--device", choices=DEVICES, default=fdef.device)
+    add_precision_flag(ft)
     ft.add_argument(
         "--image", type=Path, help="the project's image (default: the path the project records)"
     )
@@ -137,7 +145,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     check_learning_rate(args.learning_rate)
     config = FinetuneConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                            learning_rate=args.learning_rate, device=args.device)  # fmt: skip
+                            learning_rate=args.learning_rate, device=args.device,
+                            precision=args.precision)  # fmt: skip
     resolve_device(args.device)
     project = Project(args.folder, program=FINETUNE_PROGRAM)
     _need_project(project)

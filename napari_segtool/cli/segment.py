@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_segtool.cli._common import (
+    add_precision_flag,
     check_output,
     emit,
     finite,
@@ -44,7 +45,8 @@ def add_parsers(sub: Any) -> None:
     seg.add_argument("--overlap", type=float, default=defaults.overlap)
     seg.add_argument("--batch-size", type=int, default=defaults.batch_size)
     seg.add_argument("--blend", choices=("gaussian", "constant"), default=defaults.blend)
-    seg.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    add_precision_flag(seg, compile_flag=True)
+    seg.add_argument("--no-amp", action="store_true", help="the same as --precision fp32")
     seg.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     seg.add_argument("--uncertainty", type=Path, help="with --tta: write the uncertainty TIFF")
     seg.add_argument("--probabilities", type=Path, help="write class probabilities (C, ...)")
@@ -122,7 +124,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     rgb, channel_axis = _channels(args, image, model)
     config = InferenceConfig(tile_shape=args.tile_shape, overlap=args.overlap, blend=args.blend,
                              batch_size=args.batch_size, device=args.device,
-                             amp=not args.no_amp, tta=args.tta)  # fmt: skip
+                             precision="fp32" if args.no_amp else args.precision,
+                             compile=args.compile, tta=args.tta)  # fmt: skip
     t0 = time.perf_counter()
     last = [-1]
     result = segment(
@@ -145,6 +148,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             for v, name in zip(values, model.class_names, strict=False)
         },
         "device": result.device,
+        "execution": result.execution,
         "seconds": round(time.perf_counter() - t0, 2),
     })  # fmt: skip
     return 0

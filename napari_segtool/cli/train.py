@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_segtool.cli._common import (
+    add_precision_flag,
     check_learning_rate,
     check_output,
     emit,
@@ -33,6 +34,7 @@ def _training_flags(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--patch-shape", type=tile_shape, help="training patch, e.g. 256,256")
     parser.add_argument("--device", choices=DEVICES, default=defaults.device)
+    add_precision_flag(parser)
 
 
 def add_parsers(sub: Any) -> None:

@@ -33,6 +33,10 @@ class Segmentation:
     disagreement : ndarray of float32 or None
         With test-time augmentation: the share of flips whose class differs from the
         majority's (0: all agree; at most ``1 - 1/flips``), blended across tiles.
+    execution : dict or None
+        How the network ran: precision, memory format, whether it was compiled, threads, and
+        the reasons for each choice
+        (:meth:`~napari_segtool.inference.execution.ExecutionPlan.finish`).
     """
 
     labels: NDArray
@@ -40,6 +44,7 @@ class Segmentation:
     uncertainty: NDArray[np.float32] | None
     device: str
     disagreement: NDArray[np.float32] | None = None
+    execution: dict[str, object] | None = None
 
 
 @dataclass
@@ -86,7 +91,9 @@ class Outputs:
         if self.uncertainty is not None:
             self.uncertainty[a:b] = normalized_entropy(out, axis=1)
 
-    def result(self, spatial: tuple[int, ...], device: str) -> Segmentation:
+    def result(
+        self, spatial: tuple[int, ...], device: str, execution: dict[str, object] | None = None
+    ) -> Segmentation:
         """Back to the image's own spatial shape (drops the item or the one-slice axis)."""
 
         def shaped(a: NDArray | None) -> NDArray | None:
@@ -101,6 +108,7 @@ class Outputs:
             shaped(self.uncertainty),
             device,
             shaped(self.disagreement),
+            execution,
         )
 
 

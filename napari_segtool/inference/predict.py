@@ -21,7 +21,7 @@ from napari_segtool.inference.outputs import (
     argmax_channels,
     normalized_entropy,
 )
-from napari_segtool.inference.predictor import make_predictor, resolve_device
+from napari_segtool.inference.predictor import make_predictor, plan_network, resolve_device
 from napari_segtool.inference.tiling import (
     TileProgress,
     iter_sliding_window,
@@ -167,18 +167,24 @@ def iter_segment(
     tile = _tile_shape(cfg, model)
     _check_memory(spatial, model, data.shape[0], cfg, return_probabilities)
     device = resolve_device(cfg.device)
-    predictor = make_predictor(
-        model, device, amp=cfg.amp, tta=cfg.tta, disagreement=cfg.tta, dropout=cfg.mc_dropout
-    )
     n_out = model.config.out_channels + (1 if cfg.tta else 0)
 
     def preprocess(raw: NDArray) -> NDArray:
         return apply_range(raw, lo, hi, channel_axis=1)
 
     items, chunks = _items_and_chunks(data, model.spatial_dims, cfg.batch_size)
-    outputs = Outputs.empty(items.shape, model, tta=cfg.tta, probabilities=return_probabilities)
     eff_tile = tuple(min(t, s) for t, s in zip(tile, items.shape[2:], strict=True))
     per_item = len(tile_grid(items.shape[2:], eff_tile, cfg.overlap))
+    batches = sum(math.ceil((b - a) * per_item / cfg.batch_size) for a, b in chunks)
+    flips = 2**model.spatial_dims if cfg.tta else 1
+    batch_shape = (cfg.batch_size, data.shape[0], *tile)
+    runner, execution = plan_network(
+        model, device, cfg, calls=batches * flips, batch_shape=batch_shape
+    )
+    predictor = make_predictor(
+        model, device, runner=runner, tta=cfg.tta, disagreement=cfg.tta, dropout=cfg.mc_dropout
+    )
+    outputs = Outputs.empty(items.shape, model, tta=cfg.tta, probabilities=return_probabilities)
     total = per_item * items.shape[0]
     for a, b in chunks:
         windows = iter_sliding_window(
@@ -191,6 +197,7 @@ def iter_segment(
             batch_size=cfg.batch_size,
             device=device,
             preprocess=preprocess,
+            channels_last=execution.memory_format == "channels_last",
         )
         done = a * per_item
 
@@ -200,7 +207,7 @@ def iter_segment(
         outputs.store(a, b, (yield from relay(windows, progress)))
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return outputs.result(spatial, str(device))
+    return outputs.result(spatial, str(device), execution.finish(runner))
 
 
 def _input(

@@ -73,7 +73,9 @@ def _blend_weights_cached(tile_shape: tuple[int, ...], mode: str) -> NDArray[np.
         x = np.arange(t, dtype=np.float64) - (t - 1) / 2.0
         g = np.exp(-0.5 * (x / sigma) ** 2)
         w = np.multiply.outer(w, g / g.max())
-    w = np.maximum(w, 1e-4)  # corners are covered by one tile only; keep them well above 0
+    # corners are covered by one tile only: keep them well above 0. The floor is MONAI's
+    # (max(min, 1e-3)), so the two blend identically where only tile borders overlap
+    w = np.maximum(w, 1e-3)
     out = w.astype(np.float32)
     out.setflags(write=False)
     return out
@@ -83,13 +85,14 @@ def blend_weights(tile_shape: Sequence[int], mode: str = "gaussian") -> NDArray[
     """Per-voxel weight of a tile's prediction when overlapping tiles are averaged.
 
     ``"gaussian"`` (our default): a separable Gaussian with ``sigma = 0.125 * tile`` per axis,
-    1 at the centre, clipped below at 1e-4. ``"constant"``: all ones. Read-only.
+    1 at the centre, clipped below at 1e-3. ``"constant"``: all ones. Read-only.
 
     Notes
     -----
     MONAI's ``sliding_window_inference`` defaults to ``mode="constant"`` (plain averaging);
-    its ``mode="gaussian"`` uses the same ``sigma_scale=0.125`` but clamps the weights below
-    at ``max(min, 1e-3)``. We default to the Gaussian, which hides tile seams.
+    its ``mode="gaussian"`` uses the same ``sigma_scale=0.125`` and the same floor
+    (``max(min, 1e-3)``), so both blend a tile's borders alike. We default to the Gaussian,
+    which hides tile seams.
     """
     return _blend_weights_cached(tuple(int(t) for t in tile_shape), mode)
 
@@ -102,7 +105,7 @@ def tile_grid(
     return list(itertools.product(*axes))
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -119,6 +122,7 @@ def iter_sliding_window(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     preprocess: Preprocess | None = None,
+    channels_last: bool = False,
 ) -> Generator[TileProgress, None, NDArray[np.float32]]:
     """Apply ``predictor`` tile by tile and blend the tiles back into whole images.
 
@@ -145,6 +149,10 @@ def iter_sliding_window(
     preprocess : callable, optional
         Applied to each batch of raw tiles ``(B, C, *tile)`` before the predictor, e.g. intensity
         normalisation, so the whole image is never copied.
+    channels_last : bool
+        Hand the predictor each batch in channels-last memory order (``(B, C, *tile)`` with
+        the channel axis innermost), the layout of a channels-last network, so the network
+        converts nothing.
 
     Yields
     ------
@@ -166,7 +174,7 @@ def iter_sliding_window(
     pos = 0
     while pos < total:
         batch = plan.jobs[pos : pos + bs]
-        x = _read_tiles(images, batch, plan, preprocess)
+        x = _read_tiles(images, batch, plan, preprocess, channels_last=channels_last)
         try:
             y = _predict_tiles(predictor, x, dev)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
@@ -232,26 +240,32 @@ def _read_tiles(
     batch: Sequence[tuple[int, tuple[int, ...]]],
     plan: _Plan,
     preprocess: Preprocess | None,
+    *,
+    channels_last: bool = False,
 ) -> NDArray[np.float32]:
-    """The batch's tiles ``(B, C, *tile)``: padded to the tile, preprocessed, float32."""
+    """The batch's tiles ``(B, C, *tile)``: padded to the tile, preprocessed, float32, in
+    C order or, with ``channels_last``, with the channel axis innermost in memory."""
     raw = np.stack([images[(i, slice(None), *plan.region(start))] for i, start in batch])
     if any(p for _, p in plan.pad):
         mode = "reflect" if _reflectable(plan.eff_tile, plan.pad) else "edge"
         raw = np.pad(raw, [(0, 0), (0, 0), *plan.pad], mode=mode)
     x = preprocess(raw) if preprocess is not None else raw
-    return x if x.dtype == np.float32 else x.astype(np.float32)
+    x = x if x.dtype == np.float32 else x.astype(np.float32)
+    if channels_last and x.shape[1] > 1:
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    return np.ascontiguousarray(x)  # one channel: the same bytes in either layout
 
 
 def _predict_tiles(predictor: Predictor, x: NDArray, dev: torch.device) -> NDArray[np.float32]:
     """Run the predictor on one batch on ``dev``; the result back on the CPU as float32."""
     with torch.inference_mode():
-        y = predictor(torch.from_numpy(np.ascontiguousarray(x)).to(dev))
+        y = predictor(torch.from_numpy(x).to(dev))  # keeps x's layout
         return y.float().cpu().numpy()
 
 
 def _smaller_batch(exc: BaseException, bs: int, dev: torch.device, tile: tuple[int, ...]) -> int:
     """The batch size to retry with after ``exc``; re-raises what is not out-of-memory."""
-    if not _is_oom(exc):
+    if not is_out_of_memory(exc):
         raise exc
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -199,7 +199,11 @@ class SegmentationModel:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the model file atomically (a crash mid-save leaves any old file intact)."""
         p = Path(path)
-        state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        # contiguous copies: the file is the same whatever layout the network trained in
+        state = {
+            k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in self.network.state_dict().items()
+        }
         bad = non_finite(state)
         if bad is not None:
             raise CheckpointError(

@@ -237,7 +237,13 @@ def iter_finetune(
     prepared = _prepare_all(data, model, cfg)
     labelled = sum(int(p.train.sum() + p.val.sum()) for p in prepared)
     n_val = sum(int(p.val.sum()) for p in prepared)
-    inference = InferenceConfig(device=cfg.device, batch_size=cfg.batch_size, amp=cfg.amp)
+    inference = InferenceConfig(
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        precision=cfg.precision,
+        memory_format=cfg.memory_format,
+        compile="off",
+    )
     sampler = _sampler(prepared, model, cfg)
     baseline = masked_scores(model, prepared, inference=inference)[0] if n_val else None
     work = _working_copy(model, resume=resume)
@@ -327,7 +333,8 @@ def _training_config(cfg: FinetuneConfig, patch_shape: tuple[int, ...]) -> Train
         steps_per_epoch=cfg.steps_per_epoch,
         seed=cfg.seed,
         device=cfg.device,
-        amp=cfg.amp,
+        precision=cfg.precision,
+        memory_format=cfg.memory_format,
     )
 
 

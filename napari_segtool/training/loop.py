@@ -15,7 +15,16 @@ from numpy.typing import NDArray
 
 from napari_segtool.config import InferenceConfig, TrainingConfig
 from napari_segtool.errors import InputError
+from napari_segtool.inference.execution import (
+    autocast,
+    autocast_dtype,
+    check_precision,
+    effective_memory_format,
+    torch_memory_format,
+    use_all_cores,
+)
 from napari_segtool.inference.predict import resolve_device, segment
+from napari_segtool.inference.predictor import plan_network
 from napari_segtool.inference.seeding import TorchRandom
 from napari_segtool.metrics.overlap import foreground_dice
 from napari_segtool.model.checkpoint import SegmentationModel
@@ -149,7 +158,13 @@ def iter_train(
     _check_classes(sampler, model.config.out_channels)
     validator = validate
     if validator is None and validation:
-        inference = inference or InferenceConfig(device=config.device, batch_size=4)
+        inference = inference or InferenceConfig(
+            device=config.device,
+            batch_size=4,
+            precision=config.precision,
+            memory_format=config.memory_format,
+            compile="off",
+        )
 
         def validator(m: SegmentationModel) -> tuple[float, float]:
             return validation_scores(m, validation, inference=inference)
@@ -187,7 +202,9 @@ class _Run:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    use_amp: bool
+    use_amp: bool  # float16 with a gradient scaler: an overflow skips a step
+    autocast: torch.dtype | None
+    memory_format: torch.memory_format
     class_weights: torch.Tensor | None
     rng: np.random.Generator
     torch_random: TorchRandom
@@ -208,7 +225,8 @@ class _Run:
     def start(cls, model: SegmentationModel, config: TrainingConfig, *, resume: bool) -> _Run:
         """Optimiser, cosine schedule and random streams, resumed from the model if asked."""
         device = resolve_device(config.device)
-        net = model.network.to(device)
+        precision, fmt = _execution(model, device, config)
+        net = model.network.to(device, memory_format=fmt)
         opt = torch.optim.AdamW(
             net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -223,7 +241,7 @@ class _Run:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, total) / total))
         )
-        use_amp = config.amp and device.type == "cuda"
+        use_amp = precision == "fp16"
         weights = None
         if config.class_weights:
             weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
@@ -235,6 +253,8 @@ class _Run:
             sched=sched,
             scaler=torch.amp.GradScaler(device.type, enabled=use_amp),
             use_amp=use_amp,
+            autocast=autocast_dtype(precision),
+            memory_format=fmt,
             class_weights=weights,
             rng=rng,
             torch_random=TorchRandom(config.seed, device),
@@ -255,10 +275,11 @@ class _Run:
         x, y, v = sampler.sample(self.config.batch_size, self.rng)
         dev = self.device
         xt, yt, vt = (torch.from_numpy(a).to(dev) for a in (x, y, v))
+        xt = xt.contiguous(memory_format=self.memory_format)  # the network's layout
         with self.torch_random.active():  # dropout draws from this run's stream only
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=self.use_amp):
+            with autocast(dev, self.autocast):
                 logits = self.net(xt)
-            loss = dice_ce_loss(logits, yt, valid=vt, class_weights=self.class_weights)
+            loss = dice_ce_loss(logits.float(), yt, valid=vt, class_weights=self.class_weights)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -334,6 +355,26 @@ class _Run:
         elif self.diverged:
             self.net.load_state_dict(self.start_state)
         self.net.eval()
+
+
+def _execution(
+    model: SegmentationModel, device: torch.device, config: TrainingConfig
+) -> tuple[str, torch.memory_format]:
+    """The precision training runs in (``auto`` measured as for inference, on a batch of
+    patches) and the layout of the network and its inputs; uses every usable core."""
+    use_all_cores()
+    fmt = effective_memory_format(config.memory_format, device)
+    precision = config.precision
+    if precision == "auto":
+        batch = (config.batch_size, model.config.in_channels, *config.patch_shape)
+        infer = InferenceConfig(
+            device=config.device, precision="auto", memory_format=fmt, compile="off"
+        )
+        precision = plan_network(model, device, infer, calls=0, batch_shape=batch)[1].precision
+    else:
+        check_precision(precision, device)
+    logger.info("training on %s in %s, %s", device, precision, fmt.replace("_", "-"))
+    return precision, torch_memory_format(model.spatial_dims, fmt)
 
 
 def _finite(net: torch.nn.Module) -> bool:

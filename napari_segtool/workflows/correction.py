@@ -205,7 +205,12 @@ def record_version(
 
 
 def iter_resegment(
-    project: Project, image: NDArray, state: ProjectState, *, device: str = "auto"
+    project: Project,
+    image: NDArray,
+    state: ProjectState,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> Generator[Progress, None, Resegmentation]:
     """Segment ``image`` with the model in use, with flip TTA for a fresh uncertainty map.
 
@@ -213,7 +218,7 @@ def iter_resegment(
     :class:`Resegmentation`. Nothing is written: :func:`merge_resegmentation` does that.
     """
     model = current_model(project, state)
-    config = InferenceConfig(device=device, tta=True)
+    config = InferenceConfig(device=device, precision=precision, tta=True)
     result = yield from iter_segment(image, model, config=config)
     return Resegmentation(result.labels, voxel_uncertainty(result))
 
@@ -268,8 +273,10 @@ def iter_correction_round(
     entry = record_version(project, state, trained, save=save)
     changed = None
     if entry["promoted"] and save:
-        device = (config or FinetuneConfig()).device
-        segmentation = yield from iter_resegment(project, image, state, device=device)
+        cfg = config or FinetuneConfig()
+        segmentation = yield from iter_resegment(
+            project, image, state, device=cfg.device, precision=cfg.precision
+        )
         changed = merge_resegmentation(state, segmentation)
         project.save(state)
     logger.info("correction round: version %d, promoted %s", entry["version"], entry["promoted"])

@@ -30,6 +30,7 @@ def direct_labels(model, image):
     """Reference: whole-image forward pass on the normalised image (one tile, no blending)."""
     lo, hi = percentile_range(image, model.normalization)
     x = apply_range(image[None], lo, hi)  # (C=1, *S)
+    model.network.eval()  # segment() runs an eval copy and leaves the model's network alone
     with torch.inference_mode():
         if model.spatial_dims == 2 and image.ndim == 3:
             logits = model.network(torch.from_numpy(np.moveaxis(x, 1, 0).copy()))
@@ -41,7 +42,7 @@ def direct_labels(model, image):
 def test_2d_model_runs_slice_wise_on_a_stack(rng):
     model = tiny()
     image = rng.integers(0, 255, (5, 40, 30), dtype=np.uint8)
-    result = segment(image, model, config=InferenceConfig(tile_shape=(64, 64)))
+    result = segment(image, model, config=InferenceConfig(tile_shape=(64, 64), precision="fp32"))
     assert result.labels.shape == (5, 40, 30)
     assert result.labels.dtype == np.uint8
     np.testing.assert_array_equal(result.labels, direct_labels(model, image))
@@ -50,7 +51,8 @@ def test_2d_model_runs_slice_wise_on_a_stack(rng):
 def test_3d_model_runs_natively(rng):
     model = tiny(dims=3)
     image = rng.integers(0, 4000, (7, 20, 24), dtype=np.uint16)
-    result = segment(image, model, config=InferenceConfig(tile_shape=(8, 32, 32)))
+    config = InferenceConfig(tile_shape=(8, 32, 32), precision="fp32")
+    result = segment(image, model, config=config)
     assert result.labels.shape == (7, 20, 24)
     np.testing.assert_array_equal(result.labels, direct_labels(model, image))
 
@@ -177,10 +179,14 @@ def test_cuda_requested_without_gpu():
 def test_cuda_matches_cpu(rng):
     image = rng.random((3, 64, 64)).astype(np.float32)
     model = tiny()
-    cpu = segment(image, model, config=InferenceConfig(device="cpu"), return_probabilities=True)
+    cpu = segment(
+        image, model, config=InferenceConfig(device="cpu", precision="fp32"),
+        return_probabilities=True,
+    )  # fmt: skip
     gpu = segment(
-        image, model, config=InferenceConfig(device="cuda", amp=False), return_probabilities=True
-    )
+        image, model, config=InferenceConfig(device="cuda", precision="fp32"),
+        return_probabilities=True,
+    )  # fmt: skip
     np.testing.assert_allclose(gpu.probabilities, cpu.probabilities, atol=1e-4)
-    amp = segment(image, model, config=InferenceConfig(device="cuda", amp=True))
+    amp = segment(image, model, config=InferenceConfig(device="cuda", precision="fp16"))
     assert (amp.labels == cpu.labels).mean() > 0.99

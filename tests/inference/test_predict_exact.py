@@ -43,7 +43,9 @@ def analytic_model(monkeypatch):
 def test_tiled_segmentation_equals_the_closed_form(analytic_model, shape, tile, overlap, blend):
     rng = np.random.default_rng(3)
     image = rng.normal(size=shape).astype(np.float32)
-    config = InferenceConfig(tile_shape=tile, overlap=overlap, blend=blend, batch_size=3)
+    config = InferenceConfig(
+        tile_shape=tile, overlap=overlap, blend=blend, batch_size=3, precision="fp32"
+    )
     result = segment(image, analytic_model, config=config, return_probabilities=True)
     lo, hi = percentile_range(image, analytic_model.normalization)
     x = apply_range(image[None], lo, hi)[0]
@@ -68,7 +70,9 @@ def _calls(monkeypatch):
 def test_many_chunks_give_what_one_chunk_gives(monkeypatch):
     model = tiny()
     image = np.random.default_rng(1).random((7, 40, 36)).astype(np.float32)
-    config = InferenceConfig(tile_shape=(32, 32), overlap=0.5, batch_size=2, tta=True)
+    config = InferenceConfig(
+        tile_shape=(32, 32), overlap=0.5, batch_size=2, tta=True, precision="fp32"
+    )
     calls = _calls(monkeypatch)
     monkeypatch.setattr(predict, "CHUNK_VOXELS", 10**9)
     one = segment(image, model, config=config, return_probabilities=True)

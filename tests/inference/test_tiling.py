@@ -71,7 +71,7 @@ def test_gaussian_weights_peak_in_centre():
     w = blend_weights((33, 17))
     assert w.shape == (33, 17)
     assert w[16, 8] == pytest.approx(1.0)
-    assert w.min() >= 1e-4
+    assert w.min() == pytest.approx(1e-3)  # MONAI's floor: corners of a 33 x 17 tile are lower
     assert w[0, 0] < w[16, 8]
     assert not w.flags.writeable
 

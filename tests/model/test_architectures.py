@@ -160,7 +160,8 @@ def test_segment_equals_the_networks_own_argmax(arch, dims):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (24, 19) if dims == 2 else (7, 12, 10), dtype=np.uint8)
     tile = (32, 32) if dims == 2 else (8, 16, 16)  # one tile holds the whole image
-    result = segment(image, model, config=InferenceConfig(tile_shape=tile, device="cpu"))
+    config = InferenceConfig(tile_shape=tile, device="cpu", precision="fp32")
+    result = segment(image, model, config=config)
     lo, hi = percentile_range(image, model.normalization)
     x = torch.from_numpy(apply_range(image[None], lo, hi)[None].copy())
     with torch.inference_mode():
@@ -185,7 +186,7 @@ def test_one_training_step_changes_the_weights_with_a_finite_loss(arch, dims):
     patch = (32, 32) if dims == 2 else (8, 16, 16)
     cfg = FinetuneConfig(epochs=1, steps_per_epoch=1, batch_size=2, patch_shape=patch,
                          learning_rate=1e-2, validation_fraction=0.0, device="cpu",
-                         amp=False)  # fmt: skip
+                         precision="fp32")  # fmt: skip
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     gen = iter_finetune(model, [LabelledImage(image, labels)], config=cfg, progress_every=None)
     reports = []
