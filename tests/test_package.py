@@ -5,7 +5,7 @@ import sys
 def test_import_is_light():
     code = (
         "import sys, napari_segtool, napari_segtool.config, napari_segtool.errors;"
-        "heavy = [m for m in ('torch', 'qtpy', 'napari', 'magicgui', 'PyQt5')"
+        "heavy = [m for m in ('torch', 'qtpy', 'napari', 'magicgui', 'PyQt5', 'PyQt6')"
         " if m in sys.modules];"
         "print(','.join(heavy))"
     )

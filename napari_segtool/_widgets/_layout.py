@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QSizePolicy, QTableWidget, QTableWidgetItem
 
 def fixed_width(label: Label) -> None:
     """Text updates must not resize the dock (and with it the canvas, an expensive redraw)."""
-    label.native.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     label.native.setMinimumWidth(10)
 
 

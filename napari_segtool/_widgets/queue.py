@@ -82,8 +82,8 @@ class QueueWidget(Container):
                      self._tile, self._seed, self._refresh_button, self._status])  # fmt: skip
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["unit", "score", "foreground"])
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.setMinimumHeight(220)
         self.table.cellClicked.connect(self.jump_to)

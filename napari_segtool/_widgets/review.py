@@ -81,12 +81,12 @@ class ReviewWidget(Container):
         self.summary = QTableWidget(len(SUMMARY_KEYS), 2)
         self.summary.setHorizontalHeaderLabels(["image", "slice"])
         self.summary.setVerticalHeaderLabels(list(SUMMARY_KEYS))
-        self.summary.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.summary.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.summary.horizontalHeader().setDefaultSectionSize(72)
         self.summary.setMinimumWidth(320)  # names and both columns, without a scroll bar
         self.slices = QTableWidget(0, 2)
         self.slices.setHorizontalHeaderLabels(["Dice", "IoU"])
-        self.slices.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.slices.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.slices.cellClicked.connect(self._jump_to_slice)
 
     def _build_timers(self) -> None:

@@ -40,6 +40,7 @@ from napari_segtool.config import (
 )
 from napari_segtool.errors import InputError, SegtoolError
 from napari_segtool.inference import Progress, iter_segment
+from napari_segtool.io.medical import GEOMETRY_KEY
 from napari_segtool.layer_roles import IMAGE, PREDICTION, ROLE_KEY, UNCERTAINTY
 from napari_segtool.model import list_models, load_model
 
@@ -67,6 +68,9 @@ class SegmentJob:
     translate: tuple[float, ...]
     model: str
     config: InferenceConfig
+    # the source file's spacing, origin and direction (medical images): the prediction keeps
+    # it, so saving it writes the labels in the image's geometry
+    geometry: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,10 @@ class SegmentWidget(Container):
             choices=[e.name for e in list_models()] + [FROM_FILE],
             value=list_models()[0].name,
         )
-        self._model_file = FileEdit(label="model file", mode="r", filter="*.pt", visible=False)
+        # a model file, or a bioimage.io package napari-segtool exported (loaded from weights)
+        self._model_file = FileEdit(
+            label="model file", mode="r", filter="*.pt *.zip", visible=False
+        )
         self._device = ComboBox(label="device", choices=DEVICES, value=defaults.device)
         self._tile = LineEdit(label="tile shape", value="model default")
         self._overlap = FloatSpinBox(
@@ -231,6 +238,7 @@ class SegmentWidget(Container):
             scale=tuple(layer.scale),
             translate=tuple(layer.translate),
             model=self._model_spec(),
+            geometry=layer.metadata.get(GEOMETRY_KEY),
             config=InferenceConfig(
                 tile_shape=parse_tile_shape(self._tile.value),
                 overlap=float(self._overlap.value),
@@ -344,6 +352,8 @@ class SegmentWidget(Container):
             ORIGINAL_KEY: result.original,
             ROLE_KEY: PREDICTION,
         }
+        if job.geometry is not None:
+            meta[GEOMETRY_KEY] = job.geometry
         if name in layers:
             old = layers[name]
             unedited = (

@@ -5,8 +5,9 @@ Subcommands, one module per group: ``segment`` (headless tiled inference on a fi
 (train or fine-tune a model on labels, optionally only where a mask says they count) and
 ``simulate`` (active-learning rounds on full labels) in :mod:`.train`; ``project`` (create a
 project folder without the GUI, or print what one holds) and ``finetune`` (one correction
-round on a project folder) in :mod:`.project`; ``models`` (list bundled models) and ``demo``
-(napari with the plugin and a sample) in :mod:`.models`.
+round on a project folder) in :mod:`.project`; ``models`` (list bundled models), ``export``
+and ``import`` (bioimage.io model packages) and ``demo`` (napari with the plugin and a sample)
+in :mod:`.models`.
 
 Errors print one line to stderr and exit with status 2 (bad input: a
 :class:`~napari_segtool.errors.SegtoolError` or a path that cannot be read or written) or 1

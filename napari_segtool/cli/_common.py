@@ -1,14 +1,17 @@
-"""Helpers the command modules share: flag types, output checks, JSON, label files."""
+"""Helpers the command modules share: flag types, output checks, JSON, label files, progress."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +19,8 @@ from napari_segtool.config import FinetuneConfig
 from napari_segtool.errors import InputError
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from napari_segtool.io.tiff import ImageFile
 
 logger = logging.getLogger("napari_segtool")
@@ -83,7 +88,7 @@ def check_output(path: Path | None, *, flag: str = "-o", suffixes: Sequence[str]
         return
     if path.is_dir():
         raise InputError(f"{flag} {path}: is a folder; name a file in it, e.g. {path / 'out'}")
-    if suffixes and path.suffix.lower() not in suffixes:
+    if suffixes and not path.name.lower().endswith(tuple(suffixes)):  # also ".nii.gz"
         raise InputError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path}: the file exists and is not writable")
@@ -94,6 +99,22 @@ def check_output(path: Path | None, *, flag: str = "-o", suffixes: Sequence[str]
         raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
+def image_outputs() -> tuple[str, ...]:
+    """The endings an image or label output may have: TIFF and the medical formats."""
+    from napari_segtool.io.medical import MEDICAL_SUFFIXES
+    from napari_segtool.io.tiff import TIFF_SUFFIXES
+
+    return TIFF_SUFFIXES + MEDICAL_SUFFIXES
+
+
+def check_grid(a: ImageFile, b: ImageFile) -> None:
+    """Refuse two files whose voxels are not the same physical points (medical formats,
+    which record an origin and a direction; TIFFs are compared by shape only, elsewhere)."""
+    from napari_segtool.io.medical import check_same_grid
+
+    check_same_grid(a, b)
 
 
 def write_json(path: Path, value: object) -> None:
@@ -121,15 +142,26 @@ def read_labels_file(path: Path) -> ImageFile:
     return labels
 
 
-def read_labels(path: Path) -> np.ndarray:
-    return read_labels_file(path).data
+def read_labels(path: Path, *, grid: ImageFile | None = None) -> np.ndarray:
+    """The label array of ``path``; with ``grid`` (the image), medical files must lie on
+    the image's voxel grid (:func:`check_grid`)."""
+    labels = read_labels_file(path)
+    if grid is not None:
+        check_grid(grid, labels)
+    return labels.data
 
 
-def read_mask(path: Path, shape: tuple[int, ...], *, flag: str = "--mask") -> np.ndarray:
-    """A TIFF read as a bool mask (nonzero: True) of the labels' ``shape``."""
+def read_mask(
+    path: Path, shape: tuple[int, ...], *, flag: str = "--mask", grid: ImageFile | None = None
+) -> np.ndarray:
+    """An image file read as a bool mask (nonzero: True) of the labels' ``shape`` (and, for
+    medical formats, on the voxel grid of ``grid``)."""
     from napari_segtool.io import read_image
 
-    mask = read_image(path).data != 0
+    file = read_image(path)
+    if grid is not None:
+        check_grid(grid, file)
+    mask = file.data != 0
     if mask.shape != tuple(shape):
         raise InputError(
             f"{flag} {path}: shape {mask.shape} does not match the labels {tuple(shape)}"
@@ -174,3 +206,109 @@ def finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfig
         precision=args.precision,
         **extra,  # type: ignore[arg-type]
     )
+
+
+def is_terminal(stream: IO[str] | None) -> bool:
+    """Whether ``stream`` is an open terminal (False for pipes, files and pytest's capture)."""
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def progress_bar(desc: str, *, unit: str, total: int | None = None,
+                 quiet: bool = False) -> tqdm:  # fmt: skip
+    """A tqdm bar of ``unit`` (e.g. ``"tile"``) on stderr, drawn only when stderr is a
+    terminal and ``quiet`` is False.
+
+    Otherwise the bar is disabled: its methods do nothing and nothing is written, so a
+    command's output stays the same in a pipe, a log file, under ``--json`` or in tests.
+    """
+    from tqdm import tqdm
+
+    stream = sys.stderr
+    return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True,
+                disable=quiet or not is_terminal(stream))  # fmt: skip
+
+
+class TerminalProgress:
+    """A command's progress on the terminal: one bar per phase of the work.
+
+    Call it with what the core's generators yield (``run_to_end(gen, progress)``):
+    :class:`~napari_segtool.training.StepProgress` advances a bar of training steps (its
+    loss, and the last epoch's validation Dice from an
+    :class:`~napari_segtool.training.EpochReport`, beside it);
+    :class:`~napari_segtool.inference.Progress` a bar of tiles. :meth:`tiles` is the
+    ``progress(done, total)`` callback of :func:`~napari_segtool.inference.segment`. A new
+    phase (re-segmenting after a round) closes the previous bar. Use it as a context
+    manager: while a bar is drawn, console log lines (``-v``) are written above it instead
+    of through it, with the same text.
+    """
+
+    def __init__(self, command: str, *, quiet: bool = False) -> None:
+        self.command = command
+        self.quiet = quiet
+        self.bar: tqdm | None = None
+        self._unit = ""
+        self._val_dice: float | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> TerminalProgress:
+        stream = sys.stderr
+        console = any(isinstance(h, logging.StreamHandler) and h.stream is stream
+                      for h in logging.root.handlers)  # fmt: skip
+        if console and not self.quiet and is_terminal(stream):
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._stack.enter_context(logging_redirect_tqdm())
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()
+        self._stack.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def advance(self, unit: str, done: int, total: int, postfix: str | None = None) -> None:
+        """Advance the bar of ``unit`` to ``done`` of ``total``; another unit opens a new bar."""
+        if self.bar is None or unit != self._unit:
+            self.close()
+            self._unit = unit
+            self.bar = progress_bar(self.command, unit=unit, total=total, quiet=self.quiet)
+        bar = self.bar
+        bar.total = total
+        if postfix is not None:
+            bar.set_postfix_str(postfix, refresh=False)
+        bar.update(done - bar.n)  # draws the bar (tqdm limits how often)
+
+    def tiles(self, done: int, total: int) -> None:
+        """Advance the bar of tiles to ``done`` of ``total``."""
+        self.advance("tile", done, total)
+
+    def write(self, line: str) -> None:
+        """Print ``line`` on stdout above the bar (the bar is redrawn below it)."""
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+
+    def __call__(self, item: object) -> None:
+        from napari_segtool.inference import Progress
+        from napari_segtool.training import EpochReport, StepProgress
+
+        if isinstance(item, StepProgress):
+            self.advance("step", item.step, item.total_steps, self._postfix(loss=item.loss))
+        elif isinstance(item, EpochReport) and self.bar is not None:
+            self._val_dice = item.val_dice
+            self.bar.set_postfix_str(self._postfix(loss=item.train_loss))
+        elif isinstance(item, Progress):
+            self.tiles(item.done, item.total)
+
+    def _postfix(self, *, loss: float) -> str:
+        text = f"loss {loss:.4f}"
+        if self._val_dice is not None:
+            text += f", val Dice {self._val_dice:.4f}"
+        return text

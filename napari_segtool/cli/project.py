@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_segtool.cli._common import (
+    TerminalProgress,
     add_precision_flag,
     check_learning_rate,
     emit,
@@ -37,11 +38,14 @@ def add_parsers(sub: Any) -> None:
     pr = sub.add_parser("project", help="create a project folder, or print what one holds")
     pr.add_argument("folder", type=Path, help="the project folder (e.g. IMAGE.tif.segtool)")
     pr.add_argument("--create", type=Path, metavar="IMAGE",
-                    help="create the project for this image (TIFF)")  # fmt: skip
-    pr.add_argument("--labels", type=Path, help="with --create: the corrected labels (TIFF)")
+                    help="create the project for this image (TIFF, NIfTI, ...)")  # fmt: skip
     pr.add_argument(
-        "--mask", type=Path, help="with --create: TIFF, nonzero where the labels count as painted"
+        "--labels", type=Path, help="with --create: the corrected labels (TIFF, NIfTI, ...)"
     )
+    pr.add_argument(
+        "--mask", type=Path,
+        help="with --create: an image file, nonzero where the labels count as painted",
+    )  # fmt: skip
     pr.add_argument(
         "--reviewed",
         type=slices,
@@ -92,8 +96,8 @@ def _create(args: argparse.Namespace) -> None:
         raise InputError("--create needs --labels LABELS (the corrected labels of the image)")
     base = starting_model(args.model or DEFAULT_MODEL)
     image = read_image(args.create)
-    labels = read_labels(args.labels)
-    painted = None if args.mask is None else read_mask(args.mask, labels.shape)
+    labels = read_labels(args.labels, grid=image)
+    painted = None if args.mask is None else read_mask(args.mask, labels.shape, grid=image)
     project = Project(args.folder, program=PROJECT_PROGRAM)
     with project.lock():
         create_project(project, labels=labels, image_shape=tuple(image.data.shape),
@@ -153,6 +157,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     with project.lock():  # napari holding the project: refused, naming it
         state = project.load()
         image = _project_image(args, project, state)
-        result = run_to_end(iter_correction_round(project, image.data, state, config=config))
+        gen = iter_correction_round(project, image.data, state, config=config)
+        with TerminalProgress("finetune") as progress:  # steps, then re-segmented tiles
+            result = run_to_end(gen, progress)
     emit({"project": str(project.folder), **result.summary()})
     return 0

@@ -10,10 +10,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_segtool.cli._common import (
+    TerminalProgress,
     add_precision_flag,
+    check_grid,
     check_output,
     emit,
     finite,
+    image_outputs,
     logger,
     read_labels_file,
     spacing,
@@ -33,8 +36,12 @@ def add_parsers(sub: Any) -> None:
     """Add ``segment`` and ``evaluate`` to the subcommands."""
     defaults = InferenceConfig()
     seg = sub.add_parser("segment", help="segment an image file with a U-Net")
-    seg.add_argument("image", type=Path, help="input image (TIFF; PNG/JPEG for 2D)")
-    seg.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write")
+    seg.add_argument("image", type=Path, help="input image: TIFF, NIfTI, NRRD, MetaImage, a "
+                     "folder of DICOM slices (FOLDER::SERIESUID for one of several); PNG/JPEG "
+                     "for 2D")  # fmt: skip
+    seg.add_argument("-o", "--output", type=Path, required=True,
+                     help="labels to write: .tif, or .nii.gz/.nii/.nrrd/.nhdr/.mha/.mhd with "
+                     "the input's spacing, origin and direction")  # fmt: skip
     seg.add_argument(
         "-m", "--model", default="em-membranes-2d",
         help="bundled model name (see `napari-segtool models`) or a model file",
@@ -57,13 +64,14 @@ def add_parsers(sub: Any) -> None:
     seg.set_defaults(run=cmd_segment)
 
     ev = sub.add_parser("evaluate", help="compare a label image with a reference")
-    ev.add_argument("pred", type=Path, help="label image to judge (TIFF)")
-    ev.add_argument("ref", type=Path, help="reference label image (TIFF)")
+    ev.add_argument("pred", type=Path, help="label image to judge (TIFF, NIfTI, NRRD, MHA)")
+    ev.add_argument("ref", type=Path, help="reference label image (TIFF, NIfTI, NRRD, MHA)")
     ev.add_argument(
         "--spacing",
         type=spacing,
         default=None,
-        help="voxel size Z,Y,X (default: from the reference's TIFF metadata)",
+        help="voxel size Z,Y,X (default: from the reference file: TIFF metadata, or the "
+        "header of a medical image, in mm)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--no-distances", action="store_true", help="skip HD, HD95 and ASSD")
@@ -91,14 +99,18 @@ def _channels(args: argparse.Namespace, image: ImageFile, model: SegmentationMod
 def _write_outputs(args: argparse.Namespace, image: ImageFile, result: Segmentation) -> None:
     from napari_segtool.io import write_image
 
-    spacing = image.spacing if len(image.spacing) == result.labels.ndim else None
-    write_image(args.output, result.labels, spacing=spacing, unit=image.unit)
+    same = len(image.spacing) == result.labels.ndim
+    # medical outputs get the input's whole geometry, so they overlay it in other tools
+    geometry = {"spacing": image.spacing if same else None, "unit": image.unit,
+                "origin": image.origin if same else None,
+                "direction": image.direction if same else None}  # fmt: skip
+    write_image(args.output, result.labels, **geometry)
     if args.uncertainty is not None and result.uncertainty is not None:
-        write_image(args.uncertainty, result.uncertainty, spacing=spacing, unit=image.unit)
+        write_image(args.uncertainty, result.uncertainty, **geometry)
     if args.probabilities is not None and result.probabilities is not None:
         probs = result.probabilities  # (C, *spatial): a channel axis, then the image's spacing
         axes = "C" + "ZYX"[-(probs.ndim - 1) :]
-        write_image(args.probabilities, probs, spacing=spacing, unit=image.unit, axes=axes)
+        write_image(args.probabilities, probs, axes=axes, **geometry)
 
 
 def _progress(done: int, total: int, last: list[int]) -> None:
@@ -117,7 +129,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("--uncertainty needs --tta (the uncertainty comes from the flips)")
     for flag, path in (("-o", args.output), ("--uncertainty", args.uncertainty),
                        ("--probabilities", args.probabilities)):  # fmt: skip
-        check_output(path, flag=flag, suffixes=(".tif", ".tiff"))
+        check_output(path, flag=flag, suffixes=image_outputs())
     resolve_device(args.device)  # fail before any work if the device is not there
     image = read_image(args.image)
     model = load_model(args.model)
@@ -128,15 +140,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
                              compile=args.compile, tta=args.tta)  # fmt: skip
     t0 = time.perf_counter()
     last = [-1]
-    result = segment(
-        image.data,
-        model,
-        config=config,
-        channel_axis=channel_axis,
-        rgb=rgb,
-        return_probabilities=args.probabilities is not None,
-        progress=lambda done, total: _progress(done, total, last),
-    )
+    with TerminalProgress("segment") as bar:
+
+        def progress(done: int, total: int) -> None:
+            _progress(done, total, last)
+            bar.tiles(done, total)
+
+        result = segment(
+            image.data,
+            model,
+            config=config,
+            channel_axis=channel_axis,
+            rgb=rgb,
+            return_probabilities=args.probabilities is not None,
+            progress=progress,
+        )
     _write_outputs(args, image, result)
     values = model.label_values or tuple(range(len(model.class_names)))
     emit({
@@ -174,7 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_output(args.output, suffixes=(".json",))
     pred = read_labels_file(args.pred)
     ref = read_labels_file(args.ref)
-    voxel = args.spacing or ref.spacing
+    check_grid(ref, pred)  # medical files: the same voxels in space, not only the same shape
+    voxel = args.spacing or ref.spacing  # a medical file's spacing is in mm
     if len(voxel) == 1:
         voxel = voxel * ref.data.ndim
     if len(voxel) != ref.data.ndim:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_segtool.cli._common import (
+    TerminalProgress,
     add_precision_flag,
     check_learning_rate,
     check_output,
@@ -41,11 +42,13 @@ def add_parsers(sub: Any) -> None:
     """Add ``train`` and ``simulate`` to the subcommands."""
     fdef = FinetuneConfig()
     tr = sub.add_parser("train", help="train or fine-tune a model on (partial) labels")
-    tr.add_argument("image", type=Path, help="image (TIFF): 2D, RGB or a 3D stack")
+    tr.add_argument(
+        "image", type=Path, help="image (TIFF, NIfTI, NRRD, MHA, DICOM folder): 2D, RGB or 3D"
+    )
     tr.add_argument(
         "labels", type=Path,
-        help="training labels (TIFF): 0 background, any other values are classes (sparse ids "
-        "such as 5, 117 train as that many classes and come back out as the same ids)",
+        help="training labels (TIFF, NIfTI, ...): 0 background, any other values are classes "
+        "(sparse ids such as 5, 117 train as that many classes and come back out as the same ids)",
     )  # fmt: skip
     tr.add_argument(
         "-o", "--output", type=Path, required=True,
@@ -53,7 +56,7 @@ def add_parsers(sub: Any) -> None:
         "otherwise the new model goes to NAME.rejected.pt beside it",
     )  # fmt: skip
     tr.add_argument("--init", help="start from this model (bundled name or file); default: new")
-    tr.add_argument("--mask", type=Path, help="TIFF: nonzero where the labels count")
+    tr.add_argument("--mask", type=Path, help="image file: nonzero where the labels count")
     _training_flags(tr, fdef)
     tr.add_argument("--learning-rate", type=float, help="default: 5e-4 fine-tuning, 2e-3 new")
     tr.add_argument("--validation-fraction", type=float, default=fdef.validation_fraction)
@@ -70,8 +73,10 @@ def add_parsers(sub: Any) -> None:
     sim = sub.add_parser(
         "simulate", help="measure an active-learning strategy by simulated correction rounds"
     )
-    sim.add_argument("image", type=Path, help="image (TIFF): a 3D stack or a 2D image")
-    sim.add_argument("labels", type=Path, help="the full reference labels (TIFF)")
+    sim.add_argument(
+        "image", type=Path, help="image (TIFF, NIfTI, NRRD, MHA, DICOM folder): 3D or 2D"
+    )
+    sim.add_argument("labels", type=Path, help="the full reference labels (TIFF, NIfTI, ...)")
     sim.add_argument("--strategy", choices=("uncertainty", "random", "foreground-random"),
                      default="uncertainty")  # fmt: skip
     sim.add_argument(
@@ -147,12 +152,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                              patience=args.patience, seed=args.seed)  # fmt: skip
     resolve_device(args.device)
     image = read_image(args.image)
-    labels = read_labels(args.labels)
-    mask = None if args.mask is None else read_mask(args.mask, labels.shape)
+    labels = read_labels(args.labels, grid=image)
+    mask = None if args.mask is None else read_mask(args.mask, labels.shape, grid=image)
     model = _start_model(args, image.data, labels, mask)
     gen = iter_finetune(model, [LabelledImage(image.data, labels, mask)], config=config,
-                        resume=args.resume, progress_every=None)  # fmt: skip
-    result = run_to_end(gen)  # each epoch is logged (-v)
+                        resume=args.resume, progress_every=1)  # fmt: skip
+    with TerminalProgress("train") as progress:  # a bar of steps on a terminal
+        result = run_to_end(gen, progress)  # each epoch is logged (-v)
     result.model.trained_on["files"] = {"image": str(args.image), "labels": str(args.labels)}
     emit({
         **_save_trained(args, result),
@@ -181,8 +187,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     check_output(args.output, suffixes=(".json",))
     resolve_device(args.device)
-    image = read_image(args.image).data
-    labels = read_labels(args.labels)
+    image_file = read_image(args.image)
+    image = image_file.data
+    labels = read_labels(args.labels, grid=image_file)
     if args.seeds < 1:
         raise InputError("--seeds must be >= 1")
     values = label_values_present(labels)  # sparse ids train as their real class count
@@ -192,22 +199,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                               finetune=finetune_config(args))  # fmt: skip
     tile = (256, 256) if labels.ndim == 3 else (args.tile, args.tile)
     runs = []
-    for seed in range(args.seeds):
-        if args.init:
-            model = load_model(args.init)
-        else:
-            model = SegmentationModel.new(ModelConfig(out_channels=len(values)), tile_shape=tile,
-                                          seed=seed, label_values=values)  # fmt: skip
-        curve = []
-        for point in iter_simulate(image, labels, model, config=config, seed=seed):
-            curve.append(point)
-            if not args.json:
-                print(  # noqa: T201
-                    f"seed {seed} round {point.round}: {point.n_revealed} units, "
-                    f"held-out Dice {point.dice:.4f} ({point.seconds:.0f} s)"
-                )
-        runs.append({"seed": seed, "curve": [[p.n_revealed, p.dice] for p in curve],
-                     "revealed": list(curve[-1].revealed)})  # fmt: skip
+    total = args.seeds * (args.rounds + 1)  # each seed: the initial round, then --rounds
+    with TerminalProgress("simulate", quiet=args.json) as progress:
+        progress.advance("round", 0, total)  # the bar shows from the start: rounds are long
+        for seed in range(args.seeds):
+            if args.init:
+                model = load_model(args.init)
+            else:
+                model = SegmentationModel.new(ModelConfig(out_channels=len(values)),
+                                              tile_shape=tile, seed=seed,
+                                              label_values=values)  # fmt: skip
+            curve = []
+            for point in iter_simulate(image, labels, model, config=config, seed=seed):
+                curve.append(point)
+                progress.advance("round", seed * (args.rounds + 1) + len(curve), total)
+                if not args.json:
+                    progress.write(
+                        f"seed {seed} round {point.round}: {point.n_revealed} units, "
+                        f"held-out Dice {point.dice:.4f} ({point.seconds:.0f} s)"
+                    )
+            runs.append({"seed": seed, "curve": [[p.n_revealed, p.dice] for p in curve],
+                         "revealed": list(curve[-1].revealed)})  # fmt: skip
     out = {"strategy": args.strategy, "units": "slices" if labels.ndim == 3 else "tiles",
            "seeds": runs, "mean": _mean_curve(runs), "label_values": list(values)}  # fmt: skip
     if args.output is not None:

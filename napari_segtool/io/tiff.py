@@ -56,7 +56,9 @@ class ImageFile:
     ``spacing`` has one entry per spatial axis in napari order (``(Z, Y, X)`` or ``(Y, X)``);
     ``unit`` is the length unit when the file says it, else ``None``; ``axes`` names each axis
     of ``data`` (see :func:`read_image`), e.g. ``"ZYX"``, ``"YX"``, ``"YXS"`` (RGB) or
-    ``"CZYX"``.
+    ``"CZYX"``. Medical formats (:mod:`napari_segtool.io.medical`) also give ``origin`` (the
+    physical position of voxel 0) and the ``direction`` matrix, both in ``(Z, Y, X)`` order;
+    TIFFs have neither (None).
     """
 
     data: NDArray
@@ -64,6 +66,8 @@ class ImageFile:
     unit: str | None
     path: Path
     axes: str = ""
+    origin: tuple[float, ...] | None = None
+    direction: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def rgb(self) -> bool:
@@ -205,12 +209,15 @@ def reading_axes(file_axes: str, shape: tuple[int, ...], *, photometric_rgb: boo
 
 
 def read_image(path: str | os.PathLike[str]) -> ImageFile:
-    """Read a TIFF (or, through scikit-image, a PNG/JPEG) image with its voxel spacing.
+    """Read a TIFF, a medical volume (or, through scikit-image, a PNG/JPEG) with its spacing.
 
     Parameters
     ----------
     path : str or PathLike
-        File to read.
+        File to read: TIFF; NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``),
+        MetaImage (``.mha``, ``.mhd``) or a folder of DICOM slices of one series
+        (``FOLDER::SERIESUID`` picks one of several), with their origin and direction
+        (:mod:`napari_segtool.io.medical`, needs the ``[medical]`` extra); PNG/JPEG.
 
     Returns
     -------
@@ -231,13 +238,15 @@ def read_image(path: str | os.PathLike[str]) -> ImageFile:
     :func:`reading_axes`, so every command reads a file the same way: a 3- or 4-slice stack
     is a stack however it was written, and colour is RGB stored interleaved.
     """
+    from napari_segtool.io.medical import read_medical_path
     from napari_segtool.io.memory import check_allocation
 
+    medical = read_medical_path(path)  # NIfTI, NRRD, MetaImage, a DICOM folder; else None
+    if medical is not None:
+        return medical
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a folder, expected an image file")
     if p.suffix.lower() in TIFF_SUFFIXES:
         try:
             with tifffile.TiffFile(p) as tif:
@@ -296,11 +305,16 @@ def write_image(
     unit: str | None = None,
     axes: str | None = None,
     compression: str | None = "zlib",
+    origin: tuple[float, ...] | None = None,
+    direction: object = None,
 ) -> Path:
-    """Write an array as a TIFF atomically, recording the spacing and the axes.
+    """Write an array as a TIFF (or a medical volume) atomically, with spacing and axes.
 
     The spacing and axes go into tifffile's JSON description (read back by
-    :func:`read_image`) and, for Y and X, the resolution tags that other readers use.
+    :func:`read_image`) and, for Y and X, the resolution tags that other readers use. A path
+    ending in ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` is written by
+    :func:`napari_segtool.io.medical.write_medical` with the spacing, ``origin`` and
+    ``direction`` (``(Z, Y, X)`` order, mm); a TIFF keeps the spacing only.
 
     Parameters
     ----------
@@ -318,6 +332,10 @@ def write_image(
         class probabilities); default ``"ZYX"`` or ``"YX"`` by the number of axes.
     compression : str or None
         tifffile compression.
+    origin : tuple of float, optional
+        Physical position of voxel 0 (medical formats only).
+    direction : array-like, optional
+        Direction matrix in ``(Z, Y, X)`` order (medical formats only).
 
     Examples
     --------
@@ -329,9 +347,28 @@ def write_image(
     >>> back.axes, back.spacing
     ('CZYX', (2.0, 0.5, 0.5))
     """
+    from napari_segtool.io.medical import MEDICAL_SUFFIXES, UNIT, medical_suffix, write_medical
+
     p = Path(path)
+    if medical_suffix(p) is not None:
+        if unit and unit != UNIT:
+            logger.warning("%s: the spacing is in %s; this format records mm", p, unit)
+        return write_medical(
+            p, data, spacing=spacing, origin=origin, direction=direction, axes=axes
+        )
     if p.suffix.lower() not in TIFF_SUFFIXES:
-        raise InputError(f"{p}: output must be a .tif or .tiff file")
+        raise InputError(
+            f"{p}: output must be a .tif or .tiff file, or {', '.join(MEDICAL_SUFFIXES)}"
+        )
+    moved = origin is not None and any(origin)
+    d = None if direction is None else np.asarray(direction, dtype=float)
+    turned = d is not None and not np.allclose(d, np.eye(len(d)))
+    if moved or turned:
+        logger.warning(
+            "%s: a TIFF keeps the spacing only, not the origin and the direction of the source; "
+            "write .nii.gz, .nrrd or .mha to keep them",
+            p,
+        )
     arr = np.ascontiguousarray(data)
     if axes is None and arr.ndim <= 3:
         axes = "ZYX"[-arr.ndim :]

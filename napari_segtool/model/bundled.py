@@ -69,12 +69,14 @@ def load_model(name_or_path: str | os.PathLike[str]) -> SegmentationModel:
     ----------
     name_or_path : str or PathLike
         A name from :func:`list_models` (``"em-membranes-2d"``, ``"new-2d"``, ``"new-3d"``,
-        ``"new-resunet-2d"``, ``"new-resunet-3d"``) or the path of a model file.
+        ``"new-resunet-2d"``, ``"new-resunet-3d"``), the path of a model file, or of a
+        bioimage.io package (``.zip``) that napari-segtool exported
+        (:func:`~napari_segtool.model.bioimageio_package.read_package`).
 
     Raises
     ------
     CheckpointError
-        For an unknown name that is not an existing file, or a bad model file.
+        For an unknown name that is not an existing file, or a bad model file or package.
     """
     key = os.fspath(name_or_path)
     for entry in BUNDLED:
@@ -86,6 +88,10 @@ def load_model(name_or_path: str | os.PathLike[str]) -> SegmentationModel:
             model.name = entry.name
             return model
     path = Path(key)
+    if path.suffix.lower() == ".zip":  # a bioimage.io package: loaded from its weights alone
+        from napari_segtool.model.bioimageio_package import read_package
+
+        return read_package(path)
     if path.suffix or path.exists() or os.sep in key:
         return SegmentationModel.load(path)
     names = ", ".join(e.name for e in BUNDLED)

@@ -243,7 +243,33 @@ class SegmentationModel:
         p = Path(path)
         payload = read_payload(p)
         meta = read_metadata(p, payload)
+        return cls.from_metadata(
+            p, meta, payload.get("state_dict"), training_state=payload.get("training_state")
+        )
+
+    @classmethod
+    def from_metadata(
+        cls,
+        path: str | os.PathLike[str],
+        meta: dict[str, Any],
+        weights: object,
+        *,
+        training_state: dict[str, Any] | None = None,
+    ) -> SegmentationModel:
+        """Rebuild a model from the metadata and the state dict read from ``path``.
+
+        Checked as :meth:`load` checks a model file's (architecture, weight count,
+        ``weights_sha256``, finiteness, every field); shared by :meth:`load` and bioimage.io
+        packages (:func:`~napari_segtool.model.bioimageio_package.read_package`).
+
+        Raises
+        ------
+        CheckpointError
+            Naming ``path`` and the problem, as for :meth:`load`.
+        """
+        p = Path(path)
         config, norm = read_configs(p, meta)
+        payload = {"state_dict": weights}
         state = read_state(p, payload, config, weights_sha256=meta.get("weights_sha256"))
         network = build_loaded(p, config, state)
         try:
@@ -257,7 +283,7 @@ class SegmentationModel:
                 trained_on=meta.get("trained_on", {}),
                 history=meta.get("history", []),
                 created=meta.get("created", ""),
-                training_state=payload.get("training_state"),
+                training_state=training_state,
                 label_values=meta.get("label_values"),
             )
         except KeyError as exc:
