@@ -7,7 +7,8 @@ Subcommands, one module per group: ``segment`` (headless tiled inference on a fi
 project folder without the GUI, or print what one holds) and ``finetune`` (one correction
 round on a project folder) in :mod:`.project`; ``models`` (list bundled models), ``export``
 and ``import`` (bioimage.io model packages) and ``demo`` (napari with the plugin and a sample)
-in :mod:`.models`.
+in :mod:`.models`; ``convert`` (any readable image as chunked OME-Zarr) in
+:mod:`.convert`.
 
 Errors print one line to stderr and exit with status 2 (bad input: a
 :class:`~napari_segtool.errors.SegtoolError` or a path that cannot be read or written) or 1
@@ -22,12 +23,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from napari_segtool.cli import models, project, segment, train
+from napari_segtool.cli import convert, models, project, segment, train
 from napari_segtool.errors import SegtoolError
 
 __all__ = ["build_parser", "main"]
 
-GROUPS = (segment, train, project, models)
+GROUPS = (segment, train, project, models, convert)
 DEBUG_HELP = "print the traceback of an error, not only its one line"
 
 

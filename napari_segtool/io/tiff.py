@@ -58,7 +58,9 @@ class ImageFile:
     of ``data`` (see :func:`read_image`), e.g. ``"ZYX"``, ``"YX"``, ``"YXS"`` (RGB) or
     ``"CZYX"``. Medical formats (:mod:`napari_segtool.io.medical`) also give ``origin`` (the
     physical position of voxel 0) and the ``direction`` matrix, both in ``(Z, Y, X)`` order;
-    TIFFs have neither (None).
+    TIFFs have neither (None). Lazily read images (zarr, OME-Zarr, ``read_image(...,
+    lazy=True)`` TIFFs) have a ``zarr.Array`` as ``data`` and every resolution level, finest
+    first, in ``levels`` (empty for images read into memory).
     """
 
     data: NDArray
@@ -68,6 +70,7 @@ class ImageFile:
     axes: str = ""
     origin: tuple[float, ...] | None = None
     direction: tuple[tuple[float, ...], ...] | None = None
+    levels: tuple[Any, ...] = ()
 
     @property
     def rgb(self) -> bool:
@@ -79,6 +82,16 @@ class ImageFile:
         """Index of the channel axis (``C``), if the file declares one."""
         i = self.axes.find("C")
         return i if i >= 0 else None
+
+    def close(self) -> None:
+        """Close the files a lazily read image keeps open (a TIFF's zarr store); a no-op else.
+
+        Its ``data`` and ``levels`` cannot be read afterwards.
+        """
+        for level in self.levels:
+            close = getattr(getattr(level, "store", None), "close", None)
+            if callable(close):
+                close()
 
     @property
     def spatial_ndim(self) -> int:
@@ -208,7 +221,7 @@ def reading_axes(file_axes: str, shape: tuple[int, ...], *, photometric_rgb: boo
     return "".join(axes)
 
 
-def read_image(path: str | os.PathLike[str]) -> ImageFile:
+def read_image(path: str | os.PathLike[str], *, lazy: bool = False) -> ImageFile:
     """Read a TIFF, a medical volume (or, through scikit-image, a PNG/JPEG) with its spacing.
 
     Parameters
@@ -217,7 +230,13 @@ def read_image(path: str | os.PathLike[str]) -> ImageFile:
         File to read: TIFF; NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``),
         MetaImage (``.mha``, ``.mhd``) or a folder of DICOM slices of one series
         (``FOLDER::SERIESUID`` picks one of several), with their origin and direction
-        (:mod:`napari_segtool.io.medical`, needs the ``[medical]`` extra); PNG/JPEG.
+        (:mod:`napari_segtool.io.medical`, needs the ``[medical]`` extra); a zarr array or
+        OME-Zarr image (a folder ending in ``.zarr``, always lazy:
+        :func:`napari_segtool.io.zarr_io.read_zarr`); PNG/JPEG.
+    lazy : bool
+        TIFFs only: give a ``zarr.Array`` over the file (tifffile's zarr store) instead of
+        reading it, with no memory check; pyramid levels of the file land in ``levels``. The
+        file stays open while the array is used. Other formats ignore it.
 
     Returns
     -------
@@ -240,7 +259,10 @@ def read_image(path: str | os.PathLike[str]) -> ImageFile:
     """
     from napari_segtool.io.medical import read_medical_path
     from napari_segtool.io.memory import check_allocation
+    from napari_segtool.io.zarr_io import is_zarr_path, read_zarr
 
+    if is_zarr_path(path):
+        return read_zarr(path)
     medical = read_medical_path(path)  # NIfTI, NRRD, MetaImage, a DICOM folder; else None
     if medical is not None:
         return medical
@@ -260,6 +282,10 @@ def read_image(path: str | os.PathLike[str]) -> ImageFile:
                     tifffile.PHOTOMETRIC.YCBCR,
                 )
                 axes = reading_axes(series.axes, shape, photometric_rgb=photometric_rgb)
+                if lazy:
+                    spatial = sum(a in SPATIAL_AXES for a in axes)
+                    spacing, unit = _spacing_from_tiff(tif, spatial)
+                    return _lazy_tiff(p, shape, axes, spacing, unit)
                 nbytes = math.prod(shape) * dtype.itemsize
                 check_allocation(
                     nbytes,
@@ -295,6 +321,22 @@ def read_image(path: str | os.PathLike[str]) -> ImageFile:
     axes = "YXS" if rgb else "ZYX"[-data.ndim :] if data.ndim <= 3 else "Q" * data.ndim
     spatial = sum(a in SPATIAL_AXES for a in axes)
     return ImageFile(np.asarray(data), (1.0,) * spatial, None, p, axes)
+
+
+def _lazy_tiff(
+    p: Path, shape: tuple[int, ...], axes: str, spacing: tuple[float, ...], unit: str | None
+) -> ImageFile:
+    """The first series of a TIFF as a ``zarr.Array`` (tifffile's store; nothing is read)."""
+    import zarr
+
+    node = zarr.open(tifffile.imread(p, aszarr=True, series=0), mode="r")
+    if isinstance(node, zarr.Array):
+        levels = (node,)
+    else:  # a pyramidal TIFF: tifffile gives a group with one array per level, "0" first
+        levels = tuple(node[k] for k in sorted(node.array_keys(), key=int))
+    if tuple(levels[0].shape) != shape:
+        raise InputError(f"{p}: the TIFF declares shape {shape} but holds {levels[0].shape}")
+    return ImageFile(levels[0], spacing, unit, p, axes, levels=levels)
 
 
 def write_image(

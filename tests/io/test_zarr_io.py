@@ -1,0 +1,211 @@
+"""Zarr and OME-Zarr: lazy reading, multiscale writing, ``convert``, hostile stores."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_segtool.cli import main
+from napari_segtool.errors import InputError
+from napari_segtool.io import read_image, write_image
+from napari_segtool.io.zarr_io import read_zarr, write_ome_zarr
+
+
+def _image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 250, shape).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "spacing"),
+    [((64, 96), "YX", (0.5, 0.25)), ((8, 64, 80), "ZYX", (2.0, 0.5, 0.5)),
+     ((2, 8, 64, 64), "CZYX", (3.0, 0.7, 0.7))],
+)  # fmt: skip
+def test_round_trip_keeps_data_spacing_unit(tmp_path, shape, axes, spacing):
+    data = _image(shape)
+    out = write_ome_zarr(tmp_path / "a.zarr", data, spacing=spacing, unit="um", axes=axes)
+    back = read_image(out)
+    assert isinstance(back.data, zarr.Array)
+    assert back.axes == axes
+    assert back.spacing == spacing
+    assert back.unit == "um"
+    np.testing.assert_array_equal(back.data[...], data)
+    assert back.channel_axis == (0 if "C" in axes else None)
+    attrs = dict(zarr.open_group(out, mode="r").attrs)
+    assert attrs["ome"]["version"] == "0.5"
+
+
+def test_levels_are_downsampled_with_their_spacing(tmp_path):
+    data = _image((8, 256, 256))
+    out = write_ome_zarr(tmp_path / "p.zarr", data, spacing=(1.0, 1.0, 1.0), levels=3,
+                         chunks=(4, 64, 64))  # fmt: skip
+    back = read_zarr(out)
+    assert [lv.shape for lv in back.levels] == [(8, 256, 256), (4, 128, 128), (2, 64, 64)]
+    np.testing.assert_array_equal(back.levels[2][...], data[::4, ::4, ::4])
+    assert back.data.chunks == (4, 64, 64)
+    ms = zarr.open_group(out, mode="r").attrs["ome"]["multiscales"][0]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [[1, 1, 1], [2, 2, 2], [4, 4, 4]]
+
+
+def test_anisotropic_z_is_kept_until_isotropic(tmp_path):
+    out = write_ome_zarr(tmp_path / "z.zarr", _image((6, 128, 128)), spacing=(4.0, 1.0, 1.0),
+                         levels=3)  # fmt: skip
+    assert [lv.shape for lv in read_zarr(out).levels] == [(6, 128, 128), (6, 64, 64),
+                                                          (6, 32, 32)]  # fmt: skip
+
+
+def test_reads_ome_zarr_04_written_by_ome_zarr(tmp_path):
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image as ome_write
+
+    data = _image((4, 64, 64))
+    group = zarr.open_group(tmp_path / "v4.zarr", mode="w", zarr_format=2)
+    ome_write(data, group, scale_factors=(2,), fmt=FormatV04(), axes="zyx",
+              scale={"z": 2.0, "y": 0.5, "x": 0.5},
+              axes_units=dict.fromkeys("zyx", "micrometer"))  # fmt: skip
+    assert "multiscales" in dict(group.attrs)  # 0.4 keeps it at the top level
+    back = read_image(tmp_path / "v4.zarr")
+    assert back.spacing == (2.0, 0.5, 0.5)
+    assert back.unit == "um"
+    assert len(back.levels) == 2
+    assert back.levels[1].shape[-2:] == (32, 32)
+    np.testing.assert_array_equal(back.data[...], data)
+
+
+def test_plain_zarr_array_is_lazy(tmp_path):
+    arr = zarr.create_array(tmp_path / "plain.zarr", shape=(3, 40, 50), chunks=(1, 20, 25),
+                            dtype="uint16")  # fmt: skip
+    arr[1, 2, 3] = 7
+    back = read_image(tmp_path / "plain.zarr")
+    assert isinstance(back.data, zarr.Array)
+    assert (back.axes, back.spacing, back.unit) == ("ZYX", (1.0, 1.0, 1.0), None)
+    assert back.data[1, 2, 3] == 7
+
+
+def test_lazy_tiff(tmp_path):
+    data = _image((5, 64, 64))
+    write_image(tmp_path / "s.tif", data, spacing=(3.0, 0.5, 0.5), unit="um")
+    lazy = read_image(tmp_path / "s.tif", lazy=True)
+    assert isinstance(lazy.data, zarr.Array)
+    assert (lazy.axes, lazy.spacing, lazy.unit) == ("ZYX", (3.0, 0.5, 0.5), "um")
+    np.testing.assert_array_equal(lazy.data[...], data)
+    lazy.close()
+    assert isinstance(read_image(tmp_path / "s.tif").data, np.ndarray)  # default unchanged
+
+
+def test_convert_tiff_keeps_spacing(tmp_path, capsys):
+    data = _image((5, 64, 64))
+    write_image(tmp_path / "s.tif", data, spacing=(3.0, 0.5, 0.5), unit="um")
+    assert main(["convert", str(tmp_path / "s.tif"), str(tmp_path / "o.zarr"), "--levels", "2",
+                 "--chunks", "1,32,32"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["spacing"] == [3.0, 0.5, 0.5]
+    assert summary["levels"] == [[5, 64, 64], [5, 32, 32]]
+    assert summary["chunks"] == [1, 32, 32]
+    np.testing.assert_array_equal(read_image(tmp_path / "o.zarr").data[...], data)
+
+
+def test_convert_nifti_keeps_spacing(tmp_path, capsys):
+    import SimpleITK as sitk  # noqa: N813
+
+    from tests.io.medical_data import SPACING, image, volume
+
+    data = volume((6, 20, 24))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image(data), str(path))
+    assert main(["convert", str(path), str(tmp_path / "ct.zarr")]) == 0
+    capsys.readouterr()
+    back = read_image(tmp_path / "ct.zarr")
+    np.testing.assert_allclose(back.spacing, SPACING[::-1], rtol=1e-6)
+    assert back.unit == "mm"
+    np.testing.assert_array_equal(back.data[...], data)
+
+
+def test_convert_refuses_existing_output_and_bad_input(tmp_path, capsys):
+    write_image(tmp_path / "s.tif", _image((16, 16)))
+    out = tmp_path / "o.zarr"
+    assert main(["convert", str(tmp_path / "s.tif"), str(out)]) == 0
+    assert main(["convert", str(tmp_path / "s.tif"), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exists" in err
+    assert len(err.splitlines()) == 1
+    assert main(["convert", str(tmp_path / "s.tif"), str(out), "--overwrite"]) == 0
+    assert main(["convert", str(tmp_path / "missing.tif"), str(tmp_path / "m.zarr")]) == 2
+    assert main(["convert", str(tmp_path / "s.tif"), str(tmp_path / "o.tif")]) == 2
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def _garble(path: Path, text: str) -> None:
+    (path / "zarr.json").write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("json", "not a readable zarr store"),
+        ("no-multiscales", "multiscales"),
+        ("bad-axes", "broken OME-Zarr"),
+        ("bad-scale", "broken OME-Zarr"),
+        ("escape", "leaves the store"),
+        ("absurd", "unusable shape"),
+        ("text", "numeric"),
+    ],
+)
+def test_hostile_stores_give_one_line(tmp_path, how, message):
+    p = tmp_path / "h.zarr"
+    if how == "absurd":
+        zarr.create_array(p, shape=(2**40, 2**20, 2**20), chunks=(1, 64, 64), dtype="uint8")
+    elif how == "text":
+        zarr.create_array(p, shape=(4, 4), dtype=str)
+    else:
+        write_ome_zarr(p, _image((4, 32, 32)), levels=1)
+        meta = json.loads((p / "zarr.json").read_text())
+        ms = meta["attributes"]["ome"]["multiscales"][0]
+        if how == "json":
+            _garble(p, "{not json")
+        elif how == "no-multiscales":
+            meta["attributes"] = {}
+        elif how == "bad-axes":
+            ms["axes"] = [{"name": "q"}]
+        elif how == "bad-scale":
+            ms["datasets"][0]["coordinateTransformations"] = [{"type": "scale", "scale": "x"}]
+        elif how == "escape":
+            ms["datasets"][0]["path"] = "../elsewhere"
+        if how != "json":
+            _garble(p, json.dumps(meta))
+    with pytest.raises(InputError, match=message) as info:
+        read_image(p)
+    assert str(p) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_convert_memory_stays_bounded(tmp_path):
+    """64 x 1024 x 1024 uint8 (64 MiB) converts with a peak of a few chunks, not the volume."""
+    chunks = (8, 256, 256)  # 512 KiB
+    src = zarr.create_array(tmp_path / "big.zarr", shape=(64, 1024, 1024), chunks=chunks,
+                            dtype="uint8")  # fmt: skip
+    plane = _image((1024, 1024))
+    for z in range(0, 64, 8):  # sparse content keeps the test fast; every chunk is written
+        src[z] = plane
+    # the first call imports ome-zarr, dask's array stack and codecs (~60 MiB tracemalloc
+    # counts as allocations): do it before measuring
+    write_ome_zarr(tmp_path / "warm.zarr", _image((4, 8, 8)))
+    volume_bytes = 64 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        write_ome_zarr(tmp_path / "out.zarr", read_image(tmp_path / "big.zarr").data,
+                       levels=3, chunks=chunks)  # fmt: skip
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < volume_bytes / 8, f"peak {peak / 2**20:.1f} MiB"
+    back = read_zarr(tmp_path / "out.zarr")
+    assert [lv.shape for lv in back.levels] == [(64, 1024, 1024), (32, 512, 512),
+                                                (16, 256, 256)]  # fmt: skip
+    np.testing.assert_array_equal(back.data[8], plane)
+    np.testing.assert_array_equal(back.levels[1][4], plane[::2, ::2])
