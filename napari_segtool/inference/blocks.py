@@ -35,13 +35,10 @@ from napari_segtool.inference.tiling import (
     Predictor,
     Preprocess,
     TileProgress,
-    _check_output,
     _Plan,
-    _predict_tiles,
-    _read_tiles,
-    _smaller_batch,
     blend_weights,
     iter_sliding_window,
+    predicted_batches,
     relay,
     run_to_end,
     tile_grid,
@@ -160,24 +157,15 @@ channels_last
     plan = _streamed_plan(tuple(image.shape), tile_shape, overlap, blend)
     reader = _OneItem(image)
     rolling = _Rolling(plan, out_channels, sink)
-    dev = torch.device(device)
-    total = len(plan.jobs)
+    batches = predicted_batches(
+        reader, plan, predictor, out_channels=out_channels, batch_size=batch_size,
+        device=device, preprocess=preprocess, channels_last=channels_last,
+    )  # fmt: skip
     try:
-        bs = batch_size
-        pos = 0
-        while pos < total:
-            batch = plan.jobs[pos : pos + bs]
-            x = _read_tiles(reader, batch, plan, preprocess, channels_last=channels_last)
-            try:
-                y = _predict_tiles(predictor, x, dev)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-                bs = _smaller_batch(exc, bs, dev, plan.tile)
-                continue
-            _check_output(y, len(batch), out_channels, plan.tile)
+        for batch, y, progress in batches:
             for k, (_, start) in enumerate(batch):
                 rolling.add(y[k], start)
-            pos += len(batch)
-            yield TileProgress(pos, total)
+            yield progress
         rolling.flush(plan.spatial[0])
     finally:
         rolling.free()

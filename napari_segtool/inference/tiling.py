@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TypeVar
@@ -168,6 +168,34 @@ def iter_sliding_window(
     plan = _plan(images.shape, tile_shape, overlap, blend)
     acc = np.zeros((images.shape[0], out_channels, *plan.spatial), np.float32)
     weighted = np.empty((out_channels, *plan.eff_tile), np.float32)
+    batches = predicted_batches(
+        images, plan, predictor, out_channels=out_channels, batch_size=batch_size,
+        device=device, preprocess=preprocess, channels_last=channels_last,
+    )  # fmt: skip
+    for batch, y, progress in batches:
+        _add_tiles(acc, y, batch, plan, weighted)
+        yield progress
+    acc /= plan.weight_sum
+    return acc
+
+
+def predicted_batches(
+    images: NDArray,
+    plan: _Plan,
+    predictor: Predictor,
+    *,
+    out_channels: int,
+    batch_size: int,
+    device: torch.device | str,
+    preprocess: Preprocess | None,
+    channels_last: bool,
+) -> Iterator[tuple[list[tuple[int, tuple[int, ...]]], NDArray[np.float32], TileProgress]]:
+    """The plan's tiles in order, a batch at a time: ``(jobs, predictions, progress)``.
+
+    Reads, preprocesses and predicts each batch, checks the predictor's output shape, and
+    halves the batch on an out-of-memory error (:func:`_smaller_batch`). Shared by the
+    in-memory tiler and the streamed one (:mod:`napari_segtool.inference.blocks`).
+    """
     dev = torch.device(device)
     total = len(plan.jobs)
     bs = batch_size
@@ -181,11 +209,8 @@ def iter_sliding_window(
             bs = _smaller_batch(exc, bs, dev, plan.tile)
             continue
         _check_output(y, len(batch), out_channels, plan.tile)
-        _add_tiles(acc, y, batch, plan, weighted)
         pos += len(batch)
-        yield TileProgress(pos, total)
-    acc /= plan.weight_sum
-    return acc
+        yield batch, y, TileProgress(pos, total)
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ import struct
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,6 +46,7 @@ from napari_segtool.io.tiff import ImageFile
 if TYPE_CHECKING:
     import SimpleITK
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 #: File endings read and written here, longest first (``.nii.gz`` before ``.nii``).
@@ -151,6 +152,27 @@ def _itk_reason(exc: BaseException, output: Sequence[str]) -> str:
     if printed:
         reason = f"{printed}; {reason}"
     return _one_line(reason)
+
+
+def _itk_run(call: Callable[[], T], failure: str, *, log_as: Path | None = None) -> T:
+    """Run an ITK call with its C++ output captured (:func:`_itk_output`).
+
+    A ``RuntimeError`` becomes one :class:`InputError` line, ``failure`` with ``{reason}``
+    filled by :func:`_itk_reason`. On success what ITK printed is logged for ``log_as``
+    (not at all without it) and the call's result is returned.
+    """
+    with _itk_output() as out:
+        try:
+            result = call()
+        except RuntimeError as exc:
+            failed: RuntimeError | None = exc
+        else:
+            failed = None
+    if failed is not None:
+        raise InputError(failure.replace("{reason}", _itk_reason(failed, out))) from failed
+    if log_as is not None:
+        _log_output(log_as, out)
+    return result
 
 
 def _log_output(path: Path, output: Sequence[str]) -> None:
@@ -319,36 +341,22 @@ def read_medical(path: str | os.PathLike[str]) -> ImageFile:
     sitk = _sitk(f"reading {suffix}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
-    with _itk_output() as out:
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            failed = exc
-        else:
-            failed = None
-    if failed is not None:
-        raise InputError(
-            f"{p}: not a readable {fmt} file ({_itk_reason(failed, out)}); the file is damaged, "
-            f"truncated or not {fmt}"
-        ) from failed
+    _itk_run(
+        reader.ReadImageInformation,
+        f"{p}: not a readable {fmt} file ({{reason}}); the file is damaged, truncated or not "
+        f"{fmt}",
+    )
     components = int(reader.GetNumberOfComponents())
     dtype = _numpy_dtype(sitk, reader, p)
     shape = _check_size(p, reader.GetDimension(), reader.GetSize(), components, dtype)
     if fmt == "NIfTI":
         _check_nifti_complete(p, suffix)
-    with _itk_output() as out:
-        try:
-            img = reader.Execute()
-        except RuntimeError as exc:
-            failed = exc
-        else:
-            failed = None
-    if failed is not None:
-        raise InputError(
-            f"{p}: cannot read the voxels ({_itk_reason(failed, out)}); the file (or the data "
-            "file its header names) is damaged, truncated or missing"
-        ) from failed
-    _log_output(p, out)
+    img = _itk_run(
+        reader.Execute,
+        f"{p}: cannot read the voxels ({{reason}}); the file (or the data file its header "
+        "names) is damaged, truncated or missing",
+        log_as=p,
+    )
     data = sitk.GetArrayFromImage(img)
     if data.shape != shape:
         raise InputError(f"{p}: the header declares shape {shape} but the file holds {data.shape}")
@@ -419,18 +427,11 @@ def _check_slices(sitk: Any, folder: Path, files: Sequence[str]) -> tuple[int, n
     for name in files:
         reader = sitk.ImageFileReader()
         reader.SetFileName(name)
-        with _itk_output() as out:
-            try:
-                reader.ReadImageInformation()
-            except RuntimeError as exc:
-                failed = exc
-            else:
-                failed = None
-        if failed is not None:
-            raise InputError(
-                f"{name}: not a readable DICOM slice ({_itk_reason(failed, out)}); the file is "
-                f"damaged or truncated (series in {folder})"
-            ) from failed
+        _itk_run(
+            reader.ReadImageInformation,
+            f"{name}: not a readable DICOM slice ({{reason}}); the file is damaged or truncated "
+            f"(series in {folder})",
+        )
         size = tuple(reader.GetSize())
         sizes.add(size[:2])
         if len(files) > 1 and len(size) > 2 and size[2] != 1:
@@ -544,19 +545,12 @@ def read_dicom_series(
     )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(files))
-    with _itk_output() as out:
-        try:
-            img = reader.Execute()
-        except RuntimeError as exc:
-            failed = exc
-        else:
-            failed = None
-    if failed is not None:
-        raise InputError(
-            f"{p}: cannot read the DICOM series {series_uid} ({_itk_reason(failed, out)}); a "
-            "slice is damaged or truncated"
-        ) from failed
-    _log_output(p, out)
+    img = _itk_run(
+        reader.Execute,
+        f"{p}: cannot read the DICOM series {series_uid} ({{reason}}); a slice is damaged or "
+        "truncated",
+        log_as=p,
+    )
     data = sitk.GetArrayFromImage(img)
     if data.ndim == 3 and data.shape[0] == 1 and len(files) == 1:
         logger.info("%s: one DICOM slice, read as a 1-slice volume", p)
@@ -706,16 +700,11 @@ def write_medical(
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
     try:
-        with _itk_output() as out:
-            try:
-                sitk.WriteImage(img, str(tmp / p.name), useCompression=suffix != ".nii")
-            except RuntimeError as exc:
-                failed = exc
-            else:
-                failed = None
-        if failed is not None:
-            raise InputError(f"{p}: cannot write ({_itk_reason(failed, out)})") from failed
-        _log_output(p, out)
+        _itk_run(
+            lambda: sitk.WriteImage(img, str(tmp / p.name), useCompression=suffix != ".nii"),
+            f"{p}: cannot write ({{reason}})",
+            log_as=p,
+        )
         written = sorted(tmp.iterdir(), key=lambda f: f.name == p.name)  # the header last
         for f in written:
             with open(f, "rb+") as fh:
