@@ -231,6 +231,11 @@ class InferenceConfig:
 # uncertainty layer that only a TTA run makes (the CLI keeps TTA opt-in: it costs 4-8x).
 SEGMENT_WIDGET_DEFAULTS = InferenceConfig(tta=True)
 
+#: Image layers with more voxels than this (or with lazy data: dask, zarr, multiscale) are
+#: segmented by the Segment widget into a chunked project beside the image file, block by
+#: block, instead of in memory (1 Gi voxels: a float32 volume of 4 GiB).
+LAZY_SEGMENT_VOXELS = 2**30
+
 
 @dataclass(frozen=True)
 class TrainingConfig:

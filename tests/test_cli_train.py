@@ -121,3 +121,42 @@ def test_negative_labels_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "negative value -1" in err
     assert len(err.splitlines()) == 1
+
+
+def test_train_and_simulate_read_zarr_inputs_like_tiffs(tmp_path, capsys):
+    from napari_segtool.io.zarr_io import write_ome_zarr
+
+    image, labels = blobs((3, 48, 48))
+    img = write_ome_zarr(tmp_path / "img.zarr", image, chunks=(1, 16, 16))
+    lab = write_ome_zarr(tmp_path / "lab.zarr", labels, chunks=(1, 16, 16))
+    mask = write_ome_zarr(tmp_path / "mask.zarr", np.ones_like(labels))
+    tif_img = write_image(tmp_path / "img.tif", image)
+    tif_lab = write_image(tmp_path / "lab.tif", labels)
+    tif_mask = write_image(tmp_path / "mask.tif", np.ones_like(labels))
+    argv = ["--epochs", "1", "--seed", "3", "--precision", "fp32", *FAST]
+    assert main(["train", str(img), str(lab), "--mask", str(mask), "-o",
+                 str(tmp_path / "z.pt"), *argv]) == 0  # fmt: skip
+    from_zarr = json.loads(capsys.readouterr().out)
+    assert main(["train", str(tif_img), str(tif_lab), "--mask", str(tif_mask), "-o",
+                 str(tmp_path / "t.pt"), *argv]) == 0  # fmt: skip
+    from_tiff = json.loads(capsys.readouterr().out)
+    assert from_zarr["label_values"] == from_tiff["label_values"] == [0, 1]
+    same = ("best_dice", "baseline_dice", "labelled_voxels", "validation_voxels")
+    assert {k: from_zarr[k] for k in same} == {k: from_tiff[k] for k in same}  # the same run
+    assert main(["simulate", str(img), str(lab), "--rounds", "1", "--initial", "1",
+                 "--per-round", "1", "--json", *FAST[:-2], "--epochs", "1"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["units"] == "slices"
+
+
+def test_a_zarr_too_large_to_hold_is_one_line(tmp_path, capsys, monkeypatch):
+    from napari_segtool.io import memory
+    from napari_segtool.io.zarr_io import write_ome_zarr
+
+    image, labels = blobs((2, 32, 32))
+    img = write_ome_zarr(tmp_path / "img.zarr", image)
+    lab = write_image(tmp_path / "lab.tif", labels)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    assert main(["train", str(img), str(lab), "-o", str(tmp_path / "m.pt"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{img}: training reads the 2 x 32 x 32 uint8 array into memory" in err
+    assert len(err.splitlines()) == 1

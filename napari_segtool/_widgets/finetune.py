@@ -6,6 +6,11 @@ opened again. The round itself is the core's (:mod:`napari_segtool.workflows.cor
 the widget gathers its inputs on the main thread, trains and records the version in a
 worker, re-segments in another, and merges the new prediction into the layer on the main
 thread, only where the user has not touched it.
+
+A chunked project (its layer shows the project's zarr ``labels``) keeps the image lazy and
+copies nothing of the volume: the round reads boxes in its worker, and re-segmenting merges
+box by box into the store in a worker while painting on the layer is switched off (a merge
+and a dab rewriting the same chunk would race), then saves.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from napari_segtool._widgets.roles import RoleDefault, apply_all, bump_version, 
 from napari_segtool._widgets.segment import ORIGINAL_KEY, write_uncertainty_layer
 from napari_segtool.config import DEVICES, PRECISIONS, FinetuneConfig
 from napari_segtool.errors import InputError, SegtoolError
-from napari_segtool.io.project import Project, ProjectState
+from napari_segtool.io.project import ChunkedState, Project, ProjectState
 from napari_segtool.layer_roles import IMAGE, PREDICTION, REFERENCE, UNCERTAINTY
 from napari_segtool.model import list_models
 from napari_segtool.training import EpochReport, StepProgress
@@ -50,6 +55,7 @@ from napari_segtool.workflows import (
     iter_resegment,
     merge_resegmentation,
 )
+from napari_segtool.workflows.correction import iter_resegment_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +67,8 @@ PROGRAM = "napari-segtool Fine-tune (napari)"  # named when another writer is re
 class FinetuneJob:
     """Everything a round needs, copied on the main thread."""
 
-    image: np.ndarray
-    state: ProjectState  # a snapshot: the user keeps painting while it trains
+    image: Any  # numpy; lazy (zarr, dask) for a chunked project
+    state: ProjectState | ChunkedState  # a snapshot: the user keeps painting while it trains
     project: Project
     config: FinetuneConfig
     truth: np.ndarray | None = None
@@ -76,6 +82,7 @@ class FinetuneWidget(ProjectSession):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
         self._worker: Any = None
+        self._reseg_worker: Any = None
         self._job: FinetuneJob | None = None
         self._curve: list[EpochReport] = []
         self._build()
@@ -156,7 +163,7 @@ class FinetuneWidget(ProjectSession):
                 msg = f"restored {len(state.versions)} versions, {len(state.reviewed)} reviewed"
             else:
                 base = None if self._model.value == FROM_PREDICTION else str(self._model.value)
-                state = new_state(layer, image, base)
+                state = new_state(layer, image, base, project)
                 project.save(state)
                 msg = "new project"
         except SegtoolError as exc:
@@ -173,9 +180,15 @@ class FinetuneWidget(ProjectSession):
     def worker(self) -> Any:
         return self._worker
 
-    def _image_data(self) -> np.ndarray:
+    @property
+    def _chunked(self) -> bool:
+        return isinstance(self.state, ChunkedState)
+
+    def _image_data(self) -> Any:
+        """The image as an array; left lazy (not read) for a chunked project."""
         image = self._image.value
-        return np.asarray(image.data[0] if image.multiscale else image.data)
+        data = image.data[0] if image.multiscale else image.data
+        return data if self._chunked else np.asarray(data)
 
     def _truth_data(self) -> np.ndarray | None:
         truth = self._truth.value
@@ -184,6 +197,11 @@ class FinetuneWidget(ProjectSession):
         assert self.state is not None
         if truth is self._layer:
             raise InputError("the ground truth must be another layer than the corrected one")
+        if self._chunked:
+            raise InputError(
+                "a project larger than memory trains on its corrections only; leave 'ground "
+                "truth' empty"
+            )
         if truth.data.shape != self.state.labels.shape:
             raise InputError(
                 f"ground truth '{truth.name}' has shape {truth.data.shape}, the "
@@ -205,12 +223,16 @@ class FinetuneWidget(ProjectSession):
             precision=str(self._precision.value),
         )
         shape = self.state.labels.shape
-        references = tuple(
-            np.array(layer.data, copy=True)
-            for layer in self._viewer.layers
-            if isinstance(layer, napari.layers.Labels)
-            and role(layer) == REFERENCE
-            and tuple(layer.data.shape) == shape
+        references = (
+            ()
+            if self._chunked
+            else tuple(  # never copy a volume's worth
+                np.array(layer.data, copy=True)
+                for layer in self._viewer.layers
+                if isinstance(layer, napari.layers.Labels)
+                and role(layer) == REFERENCE
+                and tuple(layer.data.shape) == shape
+            )
         )
         return FinetuneJob(self._image_data(), self.state.snapshot(), self.project, config,
                            self._truth_data(), extend=bool(self._extend.value),
@@ -276,11 +298,14 @@ class FinetuneWidget(ProjectSession):
         self.state.versions = recorded.versions
         self.state.current_version = recorded.current_version
         self._dirty = True
+        if result.promoted and self._chunked:
+            self.resegment()  # first: a chunked save waits until the merge is done
         self.autosave()  # the live state (edits made during the round) with the new version
         self._refresh()
         if result.promoted:
             self._status.value = f"version {result.version} in use: re-segmenting..."
-            self.resegment()
+            if not self._chunked:
+                self.resegment()
         else:
             show_warning(f"Fine-tune: {_not_used(result)}")
             self._status.value = f"version {result.version} kept, not used"
@@ -325,6 +350,8 @@ class FinetuneWidget(ProjectSession):
         if self.project is None or self.state is None:
             show_error("Fine-tune: open a project first")
             return None
+        if self._chunked:
+            return self._resegment_boxes()
         worker = create_worker(
             iter_resegment, self.project, self._image_data(), self.state.snapshot(),
             device=str(self._device.value), precision=str(self._precision.value),
@@ -351,6 +378,61 @@ class FinetuneWidget(ProjectSession):
         self.autosave()
         self._status.value = f"re-segmented: {changed} untouched voxels changed"
 
+    def _resegment_boxes(self) -> Any:
+        """Chunked: merge box by box in a worker with painting off; the layer follows."""
+        assert self.project is not None
+        assert self.state is not None
+        if self._reseg_worker is not None:
+            return self._reseg_worker
+        layer = self._layer
+        editable = bool(layer.editable) if layer is not None else True
+        if layer is not None:
+            layer.editable = False  # a dab and a merge of the same chunk would race
+        worker = create_worker(
+            iter_resegment_boxes, self.project, self._image_data(), self.state.snapshot(),
+            device=str(self._device.value), precision=str(self._precision.value),
+            _connect={"yielded": self._on_box, "returned": self._merged_boxes,
+                      "errored": self._on_error},
+            _start_thread=False,
+        )  # fmt: skip
+
+        def finished() -> None:
+            self._reseg_worker = None
+            if layer is not None and not self._closed:
+                layer.editable = editable
+                layer.refresh()
+            if not self._closed:
+                self._dirty = True
+                self.autosave()  # the merged boxes (all, or those done before a cancel)
+
+        worker.finished.connect(finished)
+        self._reseg_worker = worker
+        self._side_workers.append(worker)
+        self._status.value = "re-segmenting unlabelled boxes (painting paused)..."
+        worker.start()
+        return worker
+
+    def autosave(self) -> None:
+        """Save in a worker when something changed; not while a chunked merge runs (a save
+        folds changed chunks into the painted mask, and would see half-merged boxes)."""
+        if self._reseg_worker is None:
+            super().autosave()
+
+    def _on_box(self, step: Any) -> None:
+        if self._closed or self._layer is None:
+            return
+        self._progress.value = round(100 * step.fraction)
+        self._status.value = f"re-segmenting: box {step.done} / {step.total} (painting paused)"
+        self._layer.refresh()
+
+    def _merged_boxes(self, changed: int) -> None:
+        if self._closed or self.state is None or self._layer is None:
+            return
+        bump_version(self._layer)  # rewritten in place: the Review widget must recount
+        self._layer.metadata.pop(ORIGINAL_KEY, None)  # a volume is never copied as baseline
+        self._dirty = True  # saved when the worker has finished
+        self._status.value = f"re-segmented: {changed} untouched voxels changed"
+
     def _write_uncertainty(self, data: np.ndarray) -> None:
         image = self._image.value
         if image is None:
@@ -360,7 +442,7 @@ class FinetuneWidget(ProjectSession):
                                 tuple(image.translate[-data.ndim :]))  # fmt: skip
 
     # -- display ------------------------------------------------------------------------------
-    def _show_versions(self, state: ProjectState) -> None:
+    def _show_versions(self, state: ProjectState | ChunkedState) -> None:
         self.versions.show_state(state)
 
 

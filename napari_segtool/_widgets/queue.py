@@ -3,54 +3,65 @@
 It ranks the units (slices of a stack, tiles of a 2D image) of the prediction by the
 uncertainty layer that Segment (with flip TTA) or Fine-tune's re-segmentation wrote, and
 refreshes whenever that layer changes. Slices marked reviewed in the Fine-tune widget leave
-the queue.
+the queue. Large or lazy (zarr, dask) layers are scored block by block in a worker, with
+progress and Cancel; nothing reads a whole volume at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
 import napari
 import napari.layers
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox, create_widget
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
 from napari_segtool._widgets._closing import on_close
 from napari_segtool._widgets.roles import RoleDefault, apply_all, role
-from napari_segtool.active_learning import STRATEGIES, Unit, make_units, rank, score_units
+from napari_segtool.active_learning import STRATEGIES, Unit, make_units, rank
+from napari_segtool.active_learning.scoring import (
+    ScoreProgress,
+    ValueRangeError,
+    iter_score_units,
+)
 from napari_segtool.errors import InputError, SegtoolError
+from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.layer_roles import IMAGE, PREDICTION, REFERENCE, UNCERTAINTY
+from napari_segtool.metrics.tracker import BLOCK_VOXELS
 
 logger = logging.getLogger(__name__)
 
 REVIEWED_KEY = "segtool_reviewed"  # set of reviewed slices, kept by the Fine-tune widget
-SCORE_IN_WORKER = 2**20  # voxels above which ranking leaves the UI thread (~10 ms and more)
+# voxels above which ranking leaves the UI thread (~10 ms and more); zarr and dask always do
+SCORE_IN_WORKER = 2**20
+_PICK = "pick the '... uncertainty' layer that Segment makes with flip TTA"
 
 
-def check_uncertainty(name: str, data: np.ndarray, *, known: bool = False) -> None:
+def check_uncertainty(name: str, data: Any, *, known: bool = False) -> None:
     """Refuse a layer that is not an uncertainty map: floating point, values in [0, 1].
 
     Ranking by a raw image's intensities would look like a queue and mean nothing. ``known``
-    (a layer the plugin made) skips the pass over the values.
+    (a layer the plugin made) skips the check. The dtype is checked here; the values are
+    checked while the units are scored (``value_range``), so a volume on disk is read once.
     """
-    if known:
-        return
-    if data.dtype.kind != "f":
+    if not known and data.dtype.kind != "f":
         raise InputError(
-            f"'{name}' holds {data.dtype} values, not an uncertainty map in [0, 1]; pick the "
-            "'... uncertainty' layer that Segment makes with flip TTA"
-        )
-    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
-    if not (lo >= 0.0 and hi <= 1.0):
-        raise InputError(
-            f"'{name}' has values from {lo:.4g} to {hi:.4g}, not an uncertainty map in "
-            "[0, 1]; pick the '... uncertainty' layer that Segment makes with flip TTA"
+            f"'{name}' holds {data.dtype} values, not an uncertainty map in [0, 1]; {_PICK}"
         )
 
 
@@ -76,10 +87,12 @@ class QueueWidget(Container):
         self._tile = SpinBox(label="tile (2D)", value=256, min=16, max=8192)
         self._seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self._refresh_button = PushButton(text="Rank")
+        # always shown: showing or hiding it would relayout the docks and redraw the canvas
+        self._progress = ProgressBar(label="scored", value=0, min=0, max=100)
         self._status = Label(label="", value="")
         self.extend([self._labels, self._uncertainty, self._strategy, self._score, self._length,
-                     self._gap,
-                     self._tile, self._seed, self._refresh_button, self._status])  # fmt: skip
+                     self._gap, self._tile, self._seed, self._refresh_button, self._progress,
+                     self._status])  # fmt: skip
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["unit", "score", "foreground"])
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
@@ -94,7 +107,7 @@ class QueueWidget(Container):
         self._ranking = 0  # generation of the ranking running in a worker (0: none)
         self._worker: Any = None
         self._closed = False
-        self._refresh_button.changed.connect(self.refresh)
+        self._refresh_button.changed.connect(self._on_rank_clicked)
         for w in (self._strategy, self._score, self._length, self._gap, self._tile, self._seed):
             w.changed.connect(self.refresh)
         self._uncertainty.changed.connect(self._watch)
@@ -131,17 +144,19 @@ class QueueWidget(Container):
     def refresh(self, *_: Any) -> list[Unit]:
         """Rank the units again from the current layers and controls.
 
-        Small volumes are ranked here and the queue is returned; above
-        :data:`SCORE_IN_WORKER` voxels the ranking runs in a worker, this returns ``[]`` and
-        :attr:`queue` fills when it is done (:attr:`ranking` is True meanwhile). A newer
-        request supersedes an older one still running.
+        Small in-memory volumes are ranked here and the queue is returned; above
+        :data:`SCORE_IN_WORKER` voxels, or for zarr and dask layers, the units are scored
+        block by block in a worker, this returns ``[]`` and :attr:`queue` fills when it is
+        done (:attr:`ranking` is True meanwhile). A newer request cancels an older one.
         """
         self._generation += 1
         generation = self._generation
+        self._stop_worker()
         request = self._collect()
         if request is None:
             return []
-        if request.labels.size <= SCORE_IN_WORKER:
+        lazy = _is_lazy(request.labels) or _is_lazy(request.uncertainty)
+        if not lazy and request.labels.size <= SCORE_IN_WORKER:
             try:
                 order = request.rank()
             except SegtoolError as exc:
@@ -150,15 +165,51 @@ class QueueWidget(Container):
             return self._show(order, generation)
         self._status.value = "ranking..."
         self._ranking = generation
-        # the labels may be painted meanwhile: the worker ranks a copy
-        request = dataclasses.replace(request, labels=request.labels.copy())
+        if not lazy:  # the labels may be painted meanwhile: the worker ranks a copy
+            request = dataclasses.replace(request, labels=request.labels.copy())
         worker = create_worker(
-            request.rank,
-            _connect={"returned": lambda order: self._show(order, generation),
-                      "errored": lambda exc: self._on_error(exc, generation)},
+            request.iter_rank,
+            _connect={"yielded": lambda p: self._on_progress(p, generation),
+                      "returned": lambda order: self._show(order, generation),
+                      "errored": lambda exc: self._on_error(exc, generation),
+                      "finished": lambda: self._on_finished(generation)},
         )  # fmt: skip
         self._worker = worker
+        self._refresh_button.text = "Cancel"
+        self._progress.value = 0
         return []
+
+    def _on_rank_clicked(self, *_: Any) -> None:
+        if self._worker is not None:
+            self.cancel()
+        else:
+            self.refresh()
+
+    def cancel(self) -> None:
+        """Stop the ranking in flight after its current block."""
+        if self._worker is None:
+            return
+        self._generation += 1  # its late answer is dropped
+        self._stop_worker()
+        self._status.value = "ranking cancelled"
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self._worker = None
+        self._ranking = 0
+        self._refresh_button.text = "Rank"
+
+    def _on_progress(self, p: ScoreProgress, generation: int) -> None:
+        if generation != self._generation or self._closed:
+            return
+        self._progress.value = round(100 * p.done / max(p.total, 1))
+        self._status.value = f"scoring: {p.done} / {p.total} units"
+
+    def _on_finished(self, generation: int) -> None:
+        if generation == self._generation and not self._closed:
+            self._worker = None
+            self._refresh_button.text = "Rank"
 
     @property
     def ranking(self) -> bool:
@@ -171,10 +222,10 @@ class QueueWidget(Container):
         if labels is None:
             self._status.value = "pick the prediction (and its uncertainty layer)"
             return None
-        data = np.asarray(labels.data)
+        data = _array(labels)
         return _Request(
             labels=data,
-            uncertainty=None if unc is None else np.asarray(unc.data),
+            uncertainty=None if unc is None else _array(unc),
             uncertainty_name="" if unc is None else unc.name,
             known=unc is not None and role(unc) == UNCERTAINTY,
             strategy=str(self._strategy.value),
@@ -189,6 +240,7 @@ class QueueWidget(Container):
         if generation != self._generation or self._closed:
             return []  # superseded by a newer request, or closed
         self._ranking = 0
+        self._progress.value = 100
         self.queue = order[: int(self._length.value)]
         self._fill()
         done = len(self.reviewed())
@@ -208,6 +260,9 @@ class QueueWidget(Container):
             return
         self._closed = True
         self._generation += 1
+        if self._worker is not None:
+            self._worker.quit()
+            self._worker = None
         if self._watched is not None:
             self._watched.events.data.disconnect(self.refresh)
             self._watched = None
@@ -245,8 +300,8 @@ class QueueWidget(Container):
 class _Request:
     """One ranking, with everything read from the widgets: safe to run in a worker."""
 
-    labels: np.ndarray
-    uncertainty: np.ndarray | None
+    labels: Any  # numpy, zarr or dask: read block by block
+    uncertainty: Any | None
     uncertainty_name: str
     known: bool
     strategy: str
@@ -258,21 +313,43 @@ class _Request:
 
     def rank(self) -> list[Unit]:
         """The ranked units (any thread; reads no widget)."""
-        if self.uncertainty is None:
+        return run_to_end(self.iter_rank())
+
+    def iter_rank(self) -> Generator[ScoreProgress, None, list[Unit]]:
+        """:meth:`rank` as a generator: progress after each block of units scored."""
+        unc = self.uncertainty
+        if unc is None:
             if self.strategy == "uncertainty":
                 raise InputError(
                     "no uncertainty layer: segment with flip TTA first, or pick a random strategy"
                 )
-            unc = np.zeros(self.labels.shape, np.float32)
         else:
-            unc = self.uncertainty
             if unc.shape != self.labels.shape:
                 raise InputError(
                     f"uncertainty {unc.shape} and prediction {self.labels.shape} differ in "
                     "shape; pick the layers of one image"
                 )
             check_uncertainty(self.uncertainty_name, unc, known=self.known)
-        units = make_units(self.labels.shape, tile=self.tile)
-        scored = score_units(units, unc, self.labels, reduce=self.reduce)
+        units = make_units(tuple(self.labels.shape), tile=self.tile)
+        try:
+            scored = yield from iter_score_units(
+                units, unc, self.labels, reduce=self.reduce,
+                value_range=None if self.known else (0.0, 1.0), block_voxels=BLOCK_VOXELS,
+            )  # fmt: skip
+        except ValueRangeError as exc:
+            raise InputError(
+                f"'{self.uncertainty_name}' has values from {exc.low:.4g} to {exc.high:.4g}, "
+                f"not an uncertainty map in [0, 1]; {_PICK}"
+            ) from exc
         return rank(scored, strategy=self.strategy, seed=self.seed, exclude=self.exclude,
                     min_gap=self.min_gap)  # fmt: skip
+
+
+def _array(layer: napari.layers.Layer) -> Any:
+    """The layer's full-resolution array (level 0 of a multiscale one), as it is: not loaded."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def _is_lazy(arr: Any) -> bool:
+    """zarr, dask and other array-likes: read block by block, never as a whole."""
+    return arr is not None and not isinstance(arr, np.ndarray)

@@ -9,12 +9,13 @@ from typing import Any
 import napari
 import napari.layers
 import numpy as np
-from magicgui.widgets import Container, Label, PushButton, create_widget
+from magicgui.widgets import Container, Label, ProgressBar, PushButton, create_widget
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget
 
+from napari_segtool._widgets import _gc
 from napari_segtool._widgets._closing import on_close
 from napari_segtool._widgets._dice_plot import PLOT_EVERY_MS, DicePlot
 from napari_segtool._widgets._layout import fixed_width, set_cell
@@ -25,11 +26,15 @@ from napari_segtool.io.paint import paint_changes
 from napari_segtool.layer_roles import PREDICTION, REFERENCE
 from napari_segtool.metrics import ConfusionTracker, evaluate
 from napari_segtool.metrics.report import DISTANCE_KEYS, METRIC, SUMMARY_KEYS
+from napari_segtool.metrics.tracker import BLOCK_VOXELS, BlockCounts, EditStamps, iter_block_counts
 
 logger = logging.getLogger(__name__)
 
-RECOUNT_IN_WORKER = 2**20  # voxels above which a full recount leaves the UI thread (~10 ms)
+# voxels above which counting leaves the UI thread (~10 ms); zarr and dask layers always do
+RECOUNT_IN_WORKER = 2**20
 TABLE_DELAY_MS = 20  # paint events update the tables this much later, after the canvas
+ROUND_DELAY_MS = 50  # pause before reading again the slices that edits spoilt mid-read
+MAX_BANDS_2D = 256  # a 2D image counted in a worker is counted in up to this many row bands
 
 
 class ReviewWidget(Container):
@@ -43,8 +48,12 @@ class ReviewWidget(Container):
         self._status = Label(label="", value="")
         self._effort = Label(label="edit effort", value="-")
         self._distances = PushButton(text="Compute distances (HD, HD95, ASSD)")
-        self.extend([self._edited, self._reference, self._status, self._effort,
-                     self._distances])  # fmt: skip
+        self._count_button = PushButton(text="Recount")
+        self._count_button.tooltip = "Count the pair again from scratch (Cancel while counting)"
+        # always shown: showing or hiding it would relayout the docks and redraw the canvas
+        self._progress = ProgressBar(label="counted", value=0, min=0, max=100)
+        self.extend([self._edited, self._reference, self._status, self._progress,
+                     self._count_button, self._effort, self._distances])  # fmt: skip
         for label in (self._status, self._effort):
             fixed_width(label)  # a new text per paint must not relayout the docks
         self._build_tables()
@@ -59,14 +68,19 @@ class ReviewWidget(Container):
         self.effort_tracker: ConfusionTracker | None = None
         self._layers: tuple[napari.layers.Labels, napari.layers.Labels] | None = None
         self._versions: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        self._recounting = 0  # generation of the worker recount in flight (0: none)
-        self._missed: list[tuple[Any, str]] = []  # paint events while a worker recounts
-        self._workers: list[Any] = []
+        self._generation = 0  # of the trackers: a new pair or a full recount makes a new one
+        self._recounting = 0  # generation of the count in flight in a worker (0: none)
+        self._worker: Any = None  # the running count round
+        self._stamps: EditStamps | None = None  # edits vs. blocks read meanwhile
+        self._cancelled = False
+        self._failed = False
+        self._workers: list[Any] = []  # distance jobs
         self._closed = False
         self._build_timers()
         self._edited.changed.connect(self.attach)
         self._reference.changed.connect(self.attach)
         self._distances.changed.connect(self.compute_distances)
+        self._count_button.changed.connect(self._on_count_clicked)
         self._viewer.dims.events.current_step.connect(self._refresh_slice_column)
         labels = napari.layers.Labels
         self._role_defaults = (
@@ -114,8 +128,7 @@ class ReviewWidget(Container):
         reference.events.set_data.disconnect(self._on_set_data)
         self._layers = None
         self._versions = None
-        self._recounting = 0
-        self._missed = []
+        self._stop_count()
         self.tracker = self.effort_tracker = None
 
     def attach(self, *_: Any) -> None:
@@ -150,67 +163,248 @@ class ReviewWidget(Container):
         return None
 
     def recount(self) -> None:
-        """Count both pairs from scratch: here for small images, in a worker for large ones.
+        """Count again what may have changed: here for small in-memory pairs, else in a worker.
 
-        Paint events that arrive while a worker counts are kept and applied to its counts
-        when they arrive, so no edit is lost or counted twice; an undo meanwhile starts a
-        new count and the older one is dropped.
+        A pair above :data:`RECOUNT_IN_WORKER` voxels, or held in zarr or dask arrays, is
+        counted block by block in a worker (progress and Cancel in the dock), reading the
+        live arrays. Paint events meanwhile update the slices already counted; a slice that
+        an edit touched while it was being read is read again afterwards, so the counts end
+        equal to a from-scratch count. After an undo or redo of such a pair, only the
+        slices of the undone item are counted again.
         """
         if self._layers is None:
             return
         edited, reference = self._layers
+        old_versions = self._versions
         self._versions = (data_version(edited), data_version(reference))
-        pred, ref = np.asarray(edited.data), np.asarray(reference.data)
+        pred, ref = _array(edited), _array(reference)
         baseline = self._baseline(edited)
-        try:
-            if pred.size <= RECOUNT_IN_WORKER:
-                self._adopt(*_count(pred, ref, baseline), replay=False)
+        if not (_is_lazy(pred) or _is_lazy(ref) or pred.size > RECOUNT_IN_WORKER):
+            self._stop_count()
+            try:
+                tracker = ConfusionTracker(pred, ref)
+                effort = ConfusionTracker(pred, baseline) if baseline is not None else None
+            except SegtoolError as exc:
+                show_error(f"Review: {exc}")
                 return
+            self.tracker, self.effort_tracker = tracker, effort
+            self._show_counts()
+            return
+        units = self._moved_units(old_versions, pred, ref, baseline)
+        if units is not None and self.tracker is not None and self._stamps is not None:
+            self._stamps.touch(units)  # spoils blocks of these units read before the undo
+            self.tracker.uncount(units)
+            if self.effort_tracker is not None:
+                self.effort_tracker.uncount(units)
+            self._recounting = self._generation
+            self._start_round()
+            return
+        band = None if pred.ndim >= 3 else _band_rows(pred.shape)
+        try:
+            tracker = ConfusionTracker(pred, ref, band_rows=band, count=False)
+            effort = (
+                None
+                if baseline is None
+                else ConfusionTracker(pred, baseline, band_rows=band, count=False)
+            )
         except SegtoolError as exc:
             show_error(f"Review: {exc}")
             return
-        self._recounting += 1
-        generation = self._recounting
-        self._missed = []
-        self._status.value = "recounting..."
-        copies = (pred.copy(), ref.copy(), None if baseline is None else baseline)
-        worker = create_worker(
-            _count, *copies,
-            _connect={"returned": lambda out: self._recounted(out, generation),
-                      "errored": self._on_error},
-        )  # fmt: skip
-        self._workers.append(worker)
-
-    def _recounted(self, out: tuple[Any, Any], generation: int) -> None:
-        if self._layers is None or generation != self._recounting:
-            return  # detached, or an undo started a newer count
-        self._recounting = 0
-        self._adopt(*out, replay=True)
-        self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
-
-    def _adopt(self, tracker: ConfusionTracker, effort: ConfusionTracker | None, *,
-               replay: bool) -> None:  # fmt: skip
-        """Take counts made on copies, point them at the live arrays, replay missed edits."""
-        assert self._layers is not None
-        edited, reference = self._layers
-        pred, ref = np.asarray(edited.data), np.asarray(reference.data)
-        tracker.adopt(tracker.confusion, pred, ref)
-        baseline = self._baseline(edited)
-        if effort is not None and baseline is not None:
-            effort.adopt(effort.confusion, pred, baseline)
-        else:
-            effort = None
-        if replay:
-            for atoms, which in self._missed:
-                tracker.apply_atoms(atoms, which=which)
-                if effort is not None and which == "pred":
-                    effort.apply_atoms(atoms, which="pred")
-        self._missed = []
-        first = self.tracker is None or self.tracker.n_slices != tracker.n_slices
+        self._stop_count()
         self.tracker, self.effort_tracker = tracker, effort
-        if first:
+        self._stamps = EditStamps(tracker.n_units)
+        self._recounting = self._generation
+        self._clear_tables()
+        self._start_round()
+
+    def _moved_units(
+        self, old: Any, pred: Any, ref: Any, baseline: np.ndarray | None
+    ) -> set[int] | None:
+        """Units an undo or redo changed, when that is all that changed (else None)."""
+        tracker, effort = self.tracker, self.effort_tracker
+        if old is None or self._layers is None or tracker is None:
+            return None
+        same = (
+            tracker.pred is pred
+            and tracker.ref is ref
+            and (
+                (effort is None and baseline is None)
+                or (effort is not None and effort.ref is baseline)
+            )
+        )
+        if not same:
+            return None
+        units: set[int] = set()
+        for layer, before in zip(self._layers, old, strict=True):
+            now = data_version(layer)
+            if now == before:
+                continue
+            undo = getattr(layer, "_undo_history", None)
+            redo = getattr(layer, "_redo_history", None)
+            if len(now) < 6 or len(before) < 6 or now[:2] != before[:2] or undo is None:
+                return None  # another napari, new data, or rewritten in place
+            if now[2] == before[2] - 1 and redo:
+                item = redo[-1]  # undone
+            elif now[3] == before[3] - 1 and undo:
+                item = undo[-1]  # redone
+            else:
+                return None
+            units |= tracker.touched_units(item)
+        return units or None
+
+    # -- counting in a worker -----------------------------------------------------------------
+    def _start_round(self) -> None:
+        """Count the units not counted yet in a worker (one round; another follows if an edit
+        spoilt some of them)."""
+        tracker = self.tracker
+        if self._worker is not None or tracker is None or self._stamps is None:
+            return  # the running round starts the next one when it ends
+        pending = tracker.pending
+        if pending.size == 0:
+            self._count_done()
+            return
+        generation = self._generation
+        refs = [tracker.ref]
+        if self.effort_tracker is not None:
+            refs.append(self.effort_tracker.ref)
+        worker = create_worker(
+            iter_block_counts, tracker.pred, refs,
+            units=pending.tolist(), band_rows=tracker.band_rows, stamps=self._stamps,
+            block_voxels=BLOCK_VOXELS,
+            _connect={"yielded": lambda blocks: self._on_block(blocks, generation),
+                      "errored": lambda exc: self._on_count_error(exc, generation),
+                      "finished": lambda: self._on_round_end(generation)},
+            _start_thread=False,
+        )  # fmt: skip
+        self._worker = worker
+        self._cancelled = self._failed = False
+        self._count_button.text = "Cancel"
+        self._show_progress()
+        _gc.hold()  # no full collection of the viewer's objects while the worker allocates
+        worker.start()
+
+    def _on_block(self, blocks: list[BlockCounts], generation: int) -> None:
+        """Take a block's counts for the units no edit touched while it was read."""
+        if generation != self._generation or self.tracker is None or self._stamps is None:
+            return
+        block = blocks[0]
+        accept = self._stamps.unchanged(block)
+        staged = self._staged_units()  # a mouse stroke writes before it tells
+        if staged:
+            accept &= ~np.isin(np.arange(block.start, block.stop), sorted(staged))
+        self.tracker.put(block, accept=accept)
+        if self.effort_tracker is not None:
+            self.effort_tracker.put(blocks[1], accept=accept)
+        self._show_progress()
+
+    def _staged_units(self) -> set[int]:
+        """Units of edits napari has written but not announced yet (a stroke in progress)."""
+        units: set[int] = set()
+        if self._layers is None or self.tracker is None:
+            return units
+        for layer in self._layers:
+            staged = getattr(layer, "_staged_history", None)  # private: best effort
+            if staged:
+                units |= self.tracker.touched_units(list(staged))
+        return units
+
+    def _show_progress(self) -> None:
+        tracker = self.tracker
+        if tracker is None or self._layers is None:
+            return
+        done, total = int(tracker.counted.sum()), tracker.n_units
+        self._progress.value = round(100 * done / max(total, 1))
+        what = "slices" if tracker.pred.ndim >= 3 else "bands"
+        self._status.value = f"counting: {done} / {total} {what}"
+
+    def _on_count_error(self, exc: Exception, generation: int) -> None:
+        if generation != self._generation:
+            return
+        self._failed = True
+        self._status.value = "cannot count"
+        show_error(f"Review: {exc}")
+
+    def _on_round_end(self, generation: int) -> None:
+        _gc.release()
+        if generation != self._generation:
+            return  # a newer pair or count: this worker was dropped
+        self._worker = None
+        if self._cancelled or self._failed:
+            self._recounting = 0
+            self._idle()
+            if self._cancelled:
+                self._status.value = "count cancelled: press Recount for the numbers"
+            return
+        if self.tracker is not None and self.tracker.pending.size:
+            # edits spoilt some blocks: read those units again once the edits have settled
+            QTimer.singleShot(ROUND_DELAY_MS, lambda: self._next_round(generation))
+        else:
+            self._count_done()
+
+    def _next_round(self, generation: int) -> None:
+        if generation == self._generation and not self._closed:
+            self._start_round()
+
+    def _count_done(self) -> None:
+        for tracker in (self.tracker, self.effort_tracker):
+            if tracker is not None:
+                tracker.compact()  # ids undone meanwhile go: the ids of a fresh count
+        self._recounting = 0
+        self._idle()
+        self._show_counts()
+
+    def _idle(self) -> None:
+        if self._closed:  # the Qt side may be gone already
+            return
+        self._count_button.text = "Recount"
+
+    def _stop_count(self) -> None:
+        """Drop the count in flight (its late results are ignored) and its trackers' stamps."""
+        self._generation += 1
+        self._recounting = 0
+        self._stamps = None
+        if self._worker is not None:
+            self._worker.quit()
+            self._worker = None
+        self._idle()
+
+    def _on_count_clicked(self, *_: Any) -> None:
+        if self._worker is not None or self._recounting:
+            self.cancel_count()
+        else:
+            self._versions = None  # nothing to compare with: count everything
+            self.recount()
+
+    def cancel_count(self) -> None:
+        """Stop counting after the current block; the numbers stay blank until a recount."""
+        self._cancelled = True
+        if self._worker is not None:
+            self._status.value = "cancelling..."
+            self._worker.quit()
+        else:  # between two rounds
+            self._generation += 1
+            self._recounting = 0
+            self._idle()
+            self._status.value = "count cancelled: press Recount for the numbers"
+
+    def _show_counts(self) -> None:
+        """A complete count: the slice table's rows, the numbers, the pair's names."""
+        if self._layers is None or self.tracker is None:
+            return
+        rows = self.tracker.n_slices if self.tracker.pred.ndim >= 3 else 0
+        if self.slices.rowCount() != rows:
             self._build_slice_table()
+        self._status.value = f"{self._layers[0].name} vs {self._layers[1].name}"
+        self._progress.value = 100
         self.refresh()
+
+    def _clear_tables(self) -> None:
+        self._progress.value = 0
+        for row in range(len(SUMMARY_KEYS)):
+            for col in (0, 1):
+                set_cell(self.summary, row, col, "")
+        self.slices.setRowCount(0)
+        self._effort.value = "-"
 
     @staticmethod
     def _mismatch(edited: napari.layers.Labels, reference: napari.layers.Labels) -> str:
@@ -232,15 +426,20 @@ class ReviewWidget(Container):
     def _on_paint(self, atoms: Any, which: str) -> None:
         if self._layers is None:
             return
-        if self._recounting:
-            self._missed.append((atoms, which))
-        if self.tracker is not None:
+        stamps = self._stamps
+        if self.tracker is not None and stamps is not None and self._worker is not None:
+            # napari tells before it writes: the edit is under way until the next turn of
+            # the event loop, and a block read meanwhile is read again
+            units = self.tracker.touched_units(atoms)
+            stamps.begin(units)
+            QTimer.singleShot(0, lambda: stamps.end(units))
+        if self.tracker is not None:  # counted units follow the event; the rest are read later
             self.tracker.apply_atoms(atoms, which=which)  # type: ignore[arg-type]
             if self.effort_tracker is not None and which == "pred":
                 self.effort_tracker.apply_atoms(atoms, which="pred")
         # a paint adds to the undo history: remember that state, so it is not a "change"
         self._versions = (data_version(self._layers[0]), data_version(self._layers[1]))
-        if self.tracker is not None:
+        if self.tracker is not None and self.tracker.complete:
             touched = _touched(atoms, self.tracker)
             self._pending = (
                 None if touched is None or self._pending is None else (self._pending | touched)
@@ -278,8 +477,11 @@ class ReviewWidget(Container):
         return int(self._viewer.dims.current_step[0])
 
     def refresh(self, touched: set[int] | None = None) -> None:
-        """Redraw the tables from the tracker's counts (cheap: no pass over the voxels)."""
-        if self.tracker is None:
+        """Redraw the tables from the tracker's counts (cheap: no pass over the voxels).
+
+        Nothing is shown while a count is under way: the numbers would be of part of the pair.
+        """
+        if self.tracker is None or not self.tracker.complete:
             return
         whole = self.tracker.metrics()
         for row, key in enumerate(SUMMARY_KEYS):
@@ -297,7 +499,7 @@ class ReviewWidget(Container):
 
     def _refresh_slice_column(self, *_: Any) -> None:
         z = self._current_slice()
-        if self.tracker is None:
+        if self.tracker is None or not self.tracker.complete:
             return
         m = self.tracker.metrics(z) if z is not None else self.tracker.metrics()
         for row, key in enumerate(SUMMARY_KEYS):
@@ -328,11 +530,22 @@ class ReviewWidget(Container):
             show_error("Review: pick an edited layer and a reference first")
             return None
         edited, reference = self._layers
-        pred, ref = np.asarray(edited.data).copy(), np.asarray(reference.data).copy()
+        pred, ref = _array(edited), _array(reference)
         spacing = tuple(edited.scale)
         z = self._current_slice()
+        lazy = _is_lazy(pred) or _is_lazy(ref)
+        if lazy and z is None:
+            show_error("Review: surface distances need the whole image in memory; this one "
+                       "is held on disk (zarr or dask)")  # fmt: skip
+            return None
+        if lazy:  # the current slice only: a volume on disk may not fit in memory
+            pred, ref = np.asarray(pred[z]), np.asarray(ref[z])
+        else:
+            pred, ref = pred.copy(), ref.copy()
 
-        def job() -> tuple[dict, dict | None]:
+        def job() -> tuple[dict | None, dict | None]:
+            if lazy:
+                return None, evaluate(pred, ref, spacing=spacing[1:])
             whole = evaluate(pred, ref, spacing=spacing)
             if z is None:
                 return whole, None
@@ -346,11 +559,12 @@ class ReviewWidget(Container):
         self._workers.append(worker)
         return worker
 
-    def _show_distances(self, result: tuple[dict, dict | None]) -> None:
+    def _show_distances(self, result: tuple[dict | None, dict | None]) -> None:
         whole, current = result
         for row, key in enumerate(SUMMARY_KEYS):
             if key in DISTANCE_KEYS:
-                set_cell(self.summary, row, 0, METRIC[key].format(whole[key]))
+                if whole is not None:
+                    set_cell(self.summary, row, 0, METRIC[key].format(whole[key]))
                 if current is not None:
                     set_cell(self.summary, row, 1, METRIC[key].format(current[key]))
         if self._layers is not None:
@@ -365,6 +579,7 @@ class ReviewWidget(Container):
             return
         self._closed = True
         self._detach()
+        self._stop_count()
         self._viewer.dims.events.current_step.disconnect(self._refresh_slice_column)
         self._dice_plot.stop()
         with contextlib.suppress(RuntimeError):  # the Qt side may be gone already
@@ -381,12 +596,20 @@ class ReviewWidget(Container):
         return item.text() if item is not None else ""
 
 
-def _count(
-    pred: np.ndarray, ref: np.ndarray, baseline: np.ndarray | None
-) -> tuple[ConfusionTracker, ConfusionTracker | None]:
-    """Full counts of the edited layer against the reference and against the model's output."""
-    effort = ConfusionTracker(pred, baseline) if baseline is not None else None
-    return ConfusionTracker(pred, ref), effort
+def _array(layer: napari.layers.Labels) -> Any:
+    """The layer's full-resolution array (level 0 of a multiscale one), as it is: not loaded."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def _is_lazy(arr: Any) -> bool:
+    """zarr, dask and other array-likes: read block by block, never as a whole."""
+    return not isinstance(arr, np.ndarray)
+
+
+def _band_rows(shape: tuple[int, ...]) -> int:
+    """Rows per band of a 2D image counted in a worker: few bands, each within a block."""
+    rows, width = int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
+    return max(1, min(-(-rows // MAX_BANDS_2D), BLOCK_VOXELS // max(width, 1)))
 
 
 def _touched(atoms: Any, tracker: ConfusionTracker) -> set[int] | None:

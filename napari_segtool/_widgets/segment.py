@@ -30,6 +30,15 @@ from qtpy.QtCore import QTimer
 
 from napari_segtool._widgets import _gc
 from napari_segtool._widgets.roles import RoleDefault, apply_all
+from napari_segtool._widgets.segment_lazy import (
+    LazyDisplay,
+    LazyJob,
+    LazyOutput,
+    Ready,
+    is_lazy,
+    lazy_job,
+    run_lazy_job,
+)
 from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import (
     COMPILE_MODES,
@@ -164,7 +173,8 @@ class SegmentWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._worker: GeneratorWorker | None = None
-        self._job: SegmentJob | None = None
+        self._job: SegmentJob | LazyJob | None = None
+        self._lazy = LazyDisplay(napari_viewer)  # the chunked project's layer, if any
         defaults = SEGMENT_WIDGET_DEFAULTS
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._model = ComboBox(
@@ -226,10 +236,22 @@ class SegmentWidget(Container):
             return str(path)
         return str(self._model.value)
 
-    def _collect_config(self) -> SegmentJob:
+    def _collect_config(self) -> SegmentJob | LazyJob:
+        """The job: in memory, or into a chunked project for a lazy or very large layer."""
         layer = self._image.value
         if layer is None:
             raise InputError("no image layer: open an image first (File > Open Sample)")
+        config = InferenceConfig(
+            tile_shape=parse_tile_shape(self._tile.value),
+            overlap=float(self._overlap.value),
+            batch_size=int(self._batch.value),
+            device=str(self._device.value),
+            tta=bool(self._tta.value),
+            precision=str(self._precision.value),
+            compile=str(self._compile.value),
+        )
+        if is_lazy(layer):
+            return lazy_job(layer, model=self._model_spec(), config=config)
         data = layer.data[0] if layer.multiscale else layer.data
         return SegmentJob(
             image=np.asarray(data),
@@ -239,15 +261,7 @@ class SegmentWidget(Container):
             translate=tuple(layer.translate),
             model=self._model_spec(),
             geometry=layer.metadata.get(GEOMETRY_KEY),
-            config=InferenceConfig(
-                tile_shape=parse_tile_shape(self._tile.value),
-                overlap=float(self._overlap.value),
-                batch_size=int(self._batch.value),
-                device=str(self._device.value),
-                tta=bool(self._tta.value),
-                precision=str(self._precision.value),
-                compile=str(self._compile.value),
-            ),
+            config=config,
         )
 
     # -- running ------------------------------------------------------------------------------
@@ -275,12 +289,13 @@ class SegmentWidget(Container):
             show_error(str(exc))
             return None
         self._job = job
+        lazy = isinstance(job, LazyJob)
         worker = create_worker(
-            run_job,
+            run_lazy_job if lazy else run_job,
             job,
             _connect={
-                "yielded": self._on_progress,
-                "returned": self._on_returned,
+                "yielded": self._on_lazy_yielded if lazy else self._on_progress,
+                "returned": self._on_lazy_returned if lazy else self._on_returned,
                 "errored": self._on_error,
                 "finished": self._on_finished,
             },
@@ -298,10 +313,16 @@ class SegmentWidget(Container):
         """Stop the running worker after its current batch of tiles."""
         if self._worker is not None:
             self._status.value = "cancelling..."
-            self._worker.quit()
+            if isinstance(self._job, LazyJob):
+                self._job.cancel.set()  # the worker closes its run itself: the record is saved
+            else:
+                self._worker.quit()
 
     def _on_layer_removed(self, event: Any) -> None:
-        if self._job is not None and event.value.name == self._job.image_name:
+        if event.value is self._lazy.layer:
+            self.cancel()  # the project keeps what was written; painting it stops
+            self._lazy.detach()
+        elif self._job is not None and event.value.name == self._job.image_name:
             self.cancel()
 
     def _on_progress(self, p: Progress) -> None:
@@ -318,6 +339,8 @@ class SegmentWidget(Container):
 
     def _on_finished(self) -> None:
         _gc.release()
+        if isinstance(self._job, LazyJob):
+            self._lazy.finished()
         if self._worker is not None and self._worker.abort_requested:
             self._status.value = "cancelled"
         # after the uncertainty layer, which _on_returned queued for the next turn
@@ -340,6 +363,39 @@ class SegmentWidget(Container):
             unc = result.uncertainty
             QTimer.singleShot(
                 0, lambda: self._write_image(f"{job.image_name} uncertainty", unc, job)
+            )
+
+    # -- the lazy path (a chunked project that fills) -----------------------------------------
+    def _on_lazy_yielded(self, item: Any) -> None:
+        job = self._job
+        assert isinstance(job, LazyJob)
+        if isinstance(item, Ready):
+            meta = {SOURCE_KEY: job.model, ORIGINAL_KEY: item.state.machine}
+            layer = self._lazy.show(job, item.state, meta)
+            self._status.value = f"segmenting {job.image_name} into {item.state.folder}..."
+            logger.info("segmenting '%s' into %s as '%s'", job.image_name, item.state.folder,
+                        layer.name)  # fmt: skip
+            return
+        self._on_progress(item)
+        self._lazy.rows_final(item.rows)
+
+    def _on_lazy_returned(self, output: LazyOutput) -> None:
+        job = self._job
+        assert isinstance(job, LazyJob)
+        result = output.result
+        if result is None:
+            self._status.value = f"cancelled; what was written is in {output.state.folder}"
+            return
+        self._progress.value = 100
+        name = self._lazy.layer.name if self._lazy.layer is not None else "(closed)"
+        self._status.value = f"done: {name}, saved in {output.state.folder}"
+        if result.uncertainty is not None:
+            unc = result.uncertainty
+            QTimer.singleShot(
+                0,
+                lambda: write_uncertainty_layer(
+                    self._viewer, f"{job.image_name} uncertainty", unc, job.scale, job.translate
+                ),
             )
 
     # -- output layers ------------------------------------------------------------------------

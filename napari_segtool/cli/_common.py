@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -75,21 +76,36 @@ def emit(value: object, *, indent: int | None = None) -> None:
     print(json.dumps(finite(value), indent=indent))  # noqa: T201
 
 
-def check_output(path: Path | None, *, flag: str = "-o", suffixes: Sequence[str] = ()) -> None:
+def check_output(
+    path: Path | None, *, flag: str = "-o", suffixes: Sequence[str] = (), overwrite: bool = False
+) -> None:
     """Refuse an output path that cannot be written, before any work is done.
+
+    A path ending in ``.zarr`` names a store (a folder): an existing one is refused unless
+    ``overwrite`` (``--overwrite``), and only a zarr store is ever replaced.
 
     Raises
     ------
     InputError
-        If ``path`` is a folder, has the wrong suffix, lies under a file, or is in a folder
-        (or would be in a new folder under one) this user may not write to.
+        If ``path`` is a folder (a store that exists, without ``overwrite``), has the wrong
+        suffix, lies under a file, or is in a folder (or would be in a new folder under one)
+        this user may not write to.
     """
     if path is None:
         return
-    if path.is_dir():
-        raise InputError(f"{flag} {path}: is a folder; name a file in it, e.g. {path / 'out'}")
+    from napari_segtool.io.zarr_io import is_zarr_path
+
     if suffixes and not path.name.lower().endswith(tuple(suffixes)):  # also ".nii.gz"
+        if path.is_dir():
+            raise InputError(f"{flag} {path}: is a folder; name a file in it, e.g. {path / 'out'}")
         raise InputError(f"{flag} {path}: must end in {' or '.join(suffixes)}")
+    if is_zarr_path(path) and path.exists():
+        if not _is_zarr_store(path):
+            raise InputError(f"{flag} {path}: exists and is not a zarr store; name another path")
+        if not overwrite:
+            raise InputError(f"{flag} {path}: exists; pass --overwrite to replace it")
+    elif path.is_dir():
+        raise InputError(f"{flag} {path}: is a folder; name a file in it, e.g. {path / 'out'}")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path}: the file exists and is not writable")
     parent = path.parent if str(path.parent) else Path(".")
@@ -99,6 +115,63 @@ def check_output(path: Path | None, *, flag: str = "-o", suffixes: Sequence[str]
         raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
+def _is_zarr_store(path: Path) -> bool:
+    """A folder with zarr v3 or v2 metadata at its top."""
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")
+    )
+
+
+REGION_HELP = (
+    "a box in voxels, z0:z1,y0:y1,x0:x1 (2D: y0:y1,x0:x1), stops exclusive, open ends "
+    "allowed (:100, 20:, :)"
+)
+
+
+def parse_region(text: str, shape: Sequence[int], *, flag: str = "--region") -> tuple[slice, ...]:
+    """``"z0:z1,y0:y1,x0:x1"`` as slices, checked against the image's spatial ``shape``.
+
+    Examples
+    --------
+    >>> parse_region(" 2:5, :40,10:", (8, 64, 64))
+    (slice(2, 5, None), slice(0, 40, None), slice(10, 64, None))
+
+    Raises
+    ------
+    InputError
+        One line: the wrong number of ranges, a range that is not ``start:stop`` in integers,
+        or one that is empty or leaves the image.
+    """
+    shape = tuple(int(n) for n in shape)
+    axes = "ZYX"[-len(shape) :] if len(shape) <= 3 else "?" * len(shape)
+    form = ",".join(f"{a.lower()}0:{a.lower()}1" for a in axes)
+    parts = text.split(",")
+    if len(parts) != len(shape):
+        raise InputError(
+            f"{flag} {text!r}: give {len(shape)} ranges ({form}) for the image of shape {shape}"
+        )
+    out = []
+    for axis, part, n in zip(axes, parts, shape, strict=True):
+        bounds = part.strip().split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError(part)
+            a = int(bounds[0]) if bounds[0].strip() else 0
+            b = int(bounds[1]) if bounds[1].strip() else n
+        except ValueError as exc:
+            raise InputError(
+                f"{flag} {text!r}: write each range as start:stop in voxels ({form}), "
+                f"e.g. {','.join(['0:8'] * len(shape))}"
+            ) from exc
+        if not 0 <= a < b <= n:
+            raise InputError(
+                f"{flag} {text!r}: the {axis} range {a}:{b} is not a non-empty range inside "
+                f"0:{n} (the image has shape {shape})"
+            )
+        out.append(slice(a, b))
+    return tuple(out)
 
 
 def image_outputs() -> tuple[str, ...]:
@@ -125,8 +198,35 @@ def write_json(path: Path, value: object) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def read_labels_file(path: Path) -> ImageFile:
-    """Read a label image: integers, and only spatial axes (``Z, Y, X``)."""
+def in_memory(image: ImageFile, *, purpose: str) -> ImageFile:
+    """``image`` with its data read into memory (a zarr store or lazy TIFF), after a check
+    that it fits: for the commands that hold whole arrays (training, simulation)."""
+    if isinstance(image.data, np.ndarray):
+        return image
+    from dataclasses import replace
+
+    from napari_segtool.io import check_allocation
+
+    shape = tuple(int(n) for n in image.data.shape)
+    dtype = np.dtype(image.data.dtype)
+    check_allocation(
+        math.prod(shape) * dtype.itemsize,
+        what=f"{image.path}: {purpose} reads the {' x '.join(map(str, shape))} {dtype} array "
+        "into memory, and it",
+        hint="crop it first (napari-segtool segment --region works block by block; for "
+        "training, give a crop of the image and its labels)",
+    )
+    data = np.asarray(image.data[...])
+    image.close()
+    return replace(image, data=data, levels=())
+
+
+def read_labels_file(path: Path, *, lazy: bool = False) -> ImageFile:
+    """Read a label image: integers, and only spatial axes (``Z, Y, X``).
+
+    A zarr store is read into memory (checked first) unless ``lazy``; then its ``data`` is
+    the ``zarr.Array``, read block by block by the caller.
+    """
     from napari_segtool.io import read_image
 
     labels = read_image(path)
@@ -139,12 +239,12 @@ def read_labels_file(path: Path) -> ImageFile:
         )
     if labels.data.dtype.kind not in "biu":
         raise InputError(f"{path}: labels must be integers, not {labels.data.dtype}")
-    return labels
+    return labels if lazy else in_memory(labels, purpose="reading the labels")
 
 
 def read_labels(path: Path, *, grid: ImageFile | None = None) -> np.ndarray:
-    """The label array of ``path``; with ``grid`` (the image), medical files must lie on
-    the image's voxel grid (:func:`check_grid`)."""
+    """The label array of ``path`` in memory; with ``grid`` (the image), medical files must
+    lie on the image's voxel grid (:func:`check_grid`)."""
     labels = read_labels_file(path)
     if grid is not None:
         check_grid(grid, labels)
@@ -161,12 +261,12 @@ def read_mask(
     file = read_image(path)
     if grid is not None:
         check_grid(grid, file)
-    mask = file.data != 0
-    if mask.shape != tuple(shape):
+    if tuple(file.data.shape) != tuple(shape):
         raise InputError(
-            f"{flag} {path}: shape {mask.shape} does not match the labels {tuple(shape)}"
+            f"{flag} {path}: shape {tuple(file.data.shape)} does not match the labels "
+            f"{tuple(shape)}"
         )
-    return mask
+    return in_memory(file, purpose="reading the mask").data != 0
 
 
 def check_learning_rate(lr: float | None) -> None:

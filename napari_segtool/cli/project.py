@@ -3,7 +3,9 @@
 A project made in napari (the Fine-tune widget) or by ``project --create`` can be trained on
 another machine: ``finetune`` runs the same correction round as the widget
 (:func:`~napari_segtool.workflows.iter_correction_round`) while holding the project's lock,
-so a napari window that has it open makes the command refuse in one line naming it.
+so a napari window that has it open makes the command refuse in one line naming it. On a
+chunked project (an image larger than memory) the round trains, validates and re-segments box
+by box, and the image (TIFF or ``.zarr``) is read lazily.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from napari_segtool.config import DEVICES, FinetuneConfig
 from napari_segtool.errors import InputError
 
 if TYPE_CHECKING:
-    from napari_segtool.io.project import Project, ProjectState
+    from napari_segtool.io.project import ChunkedState, Project, ProjectState
     from napari_segtool.io.tiff import ImageFile
 
 FINETUNE_PROGRAM = "napari-segtool finetune"
@@ -115,9 +117,17 @@ def _need_project(project: Project) -> None:
         )
 
 
-def _project_image(args: argparse.Namespace, project: Project, state: ProjectState) -> ImageFile:
-    """The image the project was made for (``--image`` overrides), checked against it."""
+def _project_image(
+    args: argparse.Namespace, project: Project, state: ProjectState | ChunkedState
+) -> ImageFile:
+    """The image the project was made for (``--image`` overrides), checked against it.
+
+    For a chunked project the image stays lazy (a zarr store, or a TIFF through tifffile's
+    zarr store), so the round reads it box by box.
+    """
     from napari_segtool.io import read_image
+    from napari_segtool.io.project import ChunkedState
+    from napari_segtool.io.zarr_io import is_zarr_path
 
     path = args.image
     if path is None:
@@ -126,12 +136,13 @@ def _project_image(args: argparse.Namespace, project: Project, state: ProjectSta
             raise InputError(f"{project.state_path}: records no image path; give --image IMAGE")
         path = Path(recorded)
         path = path if path.is_absolute() else project.folder.parent / path
-        if not path.is_file():
+        if not (path.is_file() or (is_zarr_path(path) and path.is_dir())):
             raise InputError(
                 f"the project's image {path} is not there (moved, or another machine); "
                 "give it with --image IMAGE"
             )
-    image = read_image(path)
+    # a chunked project's image is read box by box (a TIFF through its zarr store)
+    image = read_image(path, lazy=isinstance(state, ChunkedState))
     shape = state.labels.shape
     if tuple(image.data.shape[: len(shape)]) != shape:
         raise InputError(

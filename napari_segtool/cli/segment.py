@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_segtool.cli._common import (
+    REGION_HELP,
     TerminalProgress,
     add_precision_flag,
     check_grid,
@@ -17,7 +19,9 @@ from napari_segtool.cli._common import (
     emit,
     finite,
     image_outputs,
+    in_memory,
     logger,
+    parse_region,
     read_labels_file,
     spacing,
     tile_shape,
@@ -27,21 +31,62 @@ from napari_segtool.config import DEVICES, InferenceConfig
 from napari_segtool.errors import InputError
 
 if TYPE_CHECKING:
+    from contextlib import ExitStack
+
     from napari_segtool.inference import Segmentation
     from napari_segtool.io.tiff import ImageFile
     from napari_segtool.model import SegmentationModel
+
+#: Voxels of the sample the block engine's normalisation range comes from (whole slices).
+SAMPLE_VOXELS = 2**22
+#: ``napari_segtool.metrics.DISTANCE_MAX_VOXELS``, written here so that ``--help`` does not
+#: import scipy; a test keeps the two equal.
+DISTANCE_LIMIT = 512**3
+#: Spatial chunk of the .zarr outputs in y and x (z: the engine's rows, see ``block_rows``).
+ZARR_CHUNK_YX = 256
+
+
+SEGMENT_DESCRIPTION = (
+    "Segment IMAGE with a U-Net and write the labels. Large volumes: when IMAGE is a .zarr "
+    "store, an output is .zarr, or --region is given, a one-channel image is segmented by the "
+    "block engine, which reads, segments and writes a block of slices at a time, so memory "
+    "stays bounded by the block (the tile's depth for a 3D model) whatever the volume's size. "
+    "Its intensities are normalised with the percentiles of a sample of the whole volume: at "
+    f"most {SAMPLE_VOXELS:,} voxels in whole, evenly spaced slices (seeded; the whole image "
+    "when smaller), not every voxel; the JSON's 'normalization' says what was sampled. .zarr "
+    "outputs are OME-Zarr 0.5 with the input's spacing and unit and a pyramid, built in a "
+    "temporary store beside them and renamed into place when complete. A .zarr input with a "
+    "TIFF or medical output holds that output in memory (checked first: otherwise write .zarr)."
+)
+REGION_SEGMENT_HELP = (
+    f"segment only {REGION_HELP}, normalised with the whole volume's range. The outputs "
+    "hold the box: .zarr outputs carry an OME-Zarr translation (the box's offset times the "
+    "spacing, plus the input's own translation), so they overlay the image in napari; medical "
+    "outputs get the box's origin; a TIFF cannot record the offset (the JSON's 'region' says it)"
+)
+EVALUATE_DESCRIPTION = (
+    "Compare a label image with a reference. The overlap metrics are accumulated block by "
+    "block from confusion counts (a .zarr store is never read whole) and equal the in-memory "
+    "numbers exactly. HD, HD95 and ASSD are computed exactly, with both volumes in memory, "
+    f"only up to {DISTANCE_LIMIT:,} voxels (DISTANCE_MAX_VOXELS, 512^3); above it, pass "
+    "--no-distances, --per-slice (each slice's 2D distances instead of the volume's) or a "
+    "--region of at most that size."
+)
 
 
 def add_parsers(sub: Any) -> None:
     """Add ``segment`` and ``evaluate`` to the subcommands."""
     defaults = InferenceConfig()
-    seg = sub.add_parser("segment", help="segment an image file with a U-Net")
+    seg = sub.add_parser("segment", help="segment an image file with a U-Net",
+                         description=SEGMENT_DESCRIPTION)  # fmt: skip
     seg.add_argument("image", type=Path, help="input image: TIFF, NIfTI, NRRD, MetaImage, a "
-                     "folder of DICOM slices (FOLDER::SERIESUID for one of several); PNG/JPEG "
-                     "for 2D")  # fmt: skip
+                     "folder of DICOM slices (FOLDER::SERIESUID for one of several), a zarr "
+                     "array or OME-Zarr image (.zarr, read block by block); PNG/JPEG for "
+                     "2D")  # fmt: skip
     seg.add_argument("-o", "--output", type=Path, required=True,
-                     help="labels to write: .tif, or .nii.gz/.nii/.nrrd/.nhdr/.mha/.mhd with "
-                     "the input's spacing, origin and direction")  # fmt: skip
+                     help="labels to write: .zarr (OME-Zarr 0.5 labels, written block by "
+                     "block), .tif, or .nii.gz/.nii/.nrrd/.nhdr/.mha/.mhd with the input's "
+                     "spacing, origin and direction")  # fmt: skip
     seg.add_argument(
         "-m", "--model", default="em-membranes-2d",
         help="bundled model name (see `napari-segtool models`) or a model file",
@@ -55,17 +100,24 @@ def add_parsers(sub: Any) -> None:
     add_precision_flag(seg, compile_flag=True)
     seg.add_argument("--no-amp", action="store_true", help="the same as --precision fp32")
     seg.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    seg.add_argument("--uncertainty", type=Path, help="with --tta: write the uncertainty TIFF")
-    seg.add_argument("--probabilities", type=Path, help="write class probabilities (C, ...)")
+    seg.add_argument("--uncertainty", type=Path,
+                     help="with --tta: write the uncertainty (.tif, .zarr, ...)")  # fmt: skip
+    seg.add_argument("--probabilities", type=Path,
+                     help="write class probabilities (C, ...) (.tif, .zarr, ...)")  # fmt: skip
     seg.add_argument(
         "--channel-axis", type=int, default=None, help="axis of the image that holds channels"
     )
     seg.add_argument("--rgb", action="store_true", help="the last axis holds RGB channels")
+    seg.add_argument("--region", help=REGION_SEGMENT_HELP)
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace existing .zarr outputs (TIFF and medical files are "
+                     "replaced anyway)")  # fmt: skip
     seg.set_defaults(run=cmd_segment)
 
-    ev = sub.add_parser("evaluate", help="compare a label image with a reference")
-    ev.add_argument("pred", type=Path, help="label image to judge (TIFF, NIfTI, NRRD, MHA)")
-    ev.add_argument("ref", type=Path, help="reference label image (TIFF, NIfTI, NRRD, MHA)")
+    ev = sub.add_parser("evaluate", help="compare a label image with a reference",
+                        description=EVALUATE_DESCRIPTION)  # fmt: skip
+    ev.add_argument("pred", type=Path, help="label image to judge (TIFF, NIfTI, NRRD, MHA, .zarr)")
+    ev.add_argument("ref", type=Path, help="reference label image (TIFF, NIfTI, NRRD, MHA, .zarr)")
     ev.add_argument(
         "--spacing",
         type=spacing,
@@ -74,8 +126,12 @@ def add_parsers(sub: Any) -> None:
         "header of a medical image, in mm)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--no-distances", action="store_true", help="skip HD, HD95 and ASSD")
-    ev.add_argument("--per-slice", action="store_true", help="add overlap metrics per slice")
+    ev.add_argument("--no-distances", action="store_true",
+                    help="skip HD, HD95 and ASSD (overlap metrics only: any size)")  # fmt: skip
+    ev.add_argument("--per-slice", action="store_true",
+                    help="add overlap metrics per slice; above the distance limit also each "
+                    "slice's 2D HD, HD95 and ASSD (the volume's are then null)")  # fmt: skip
+    ev.add_argument("--region", help=f"evaluate only {REGION_HELP}, of both images")
     ev.add_argument("-o", "--output", type=Path, help="also write the metrics to this .json file")
     ev.set_defaults(run=cmd_evaluate)
 
@@ -96,21 +152,53 @@ def _channels(args: argparse.Namespace, image: ImageFile, model: SegmentationMod
     return rgb, None if rgb else channel_axis
 
 
-def _write_outputs(args: argparse.Namespace, image: ImageFile, result: Segmentation) -> None:
-    from napari_segtool.io import write_image
+def _geometry(image: ImageFile, ndim: int, start: tuple[int, ...] | None = None) -> dict:
+    """Spacing, unit, origin and direction for outputs of ``ndim`` spatial axes: the input's,
+    with the origin moved to the box at ``start`` (voxels) when one was segmented."""
+    same = len(image.spacing) == ndim
+    origin = image.origin if same else None
+    if same and start is not None and any(start):
+        offset = np.asarray(start, np.float64) * np.asarray(image.spacing, np.float64)
+        if image.direction is not None:  # physical axes of a medical image
+            offset = np.asarray(image.direction, np.float64) @ offset
+        base = np.zeros(ndim) if origin is None else np.asarray(origin, np.float64)
+        origin = tuple(float(v) for v in base + offset)
+    return {"spacing": image.spacing if same else None, "unit": image.unit, "origin": origin,
+            "direction": image.direction if same else None}  # fmt: skip
 
-    same = len(image.spacing) == result.labels.ndim
+
+def _translation(args: argparse.Namespace, geometry: dict) -> tuple[float, ...] | None:
+    """The OME-Zarr translation of a .zarr output (OME-Zarr records no direction)."""
+    direction = geometry["direction"]
+    if direction is not None and not np.allclose(direction, np.eye(len(direction))):
+        logger.warning("%s: OME-Zarr records no direction; the labels keep the voxel grid but "
+                       "not the image's orientation", args.output)  # fmt: skip
+    return geometry["origin"]
+
+
+def _write(args: argparse.Namespace, path: Path, data: np.ndarray, geometry: dict, *,
+           axes: str | None = None, image_label: bool = False) -> None:  # fmt: skip
+    """One in-memory output: OME-Zarr for .zarr, else TIFF or a medical format."""
+    from napari_segtool.io import write_image
+    from napari_segtool.io.zarr_io import is_zarr_path, write_ome_zarr
+
+    if is_zarr_path(path):
+        write_ome_zarr(path, data, spacing=geometry["spacing"], unit=geometry["unit"],
+                       axes=axes, translation=_translation(args, geometry),
+                       image_label=image_label, overwrite=args.overwrite)  # fmt: skip
+    else:
+        write_image(path, data, axes=axes, **geometry)
+
+
+def _write_outputs(args: argparse.Namespace, image: ImageFile, result: Segmentation) -> None:
     # medical outputs get the input's whole geometry, so they overlay it in other tools
-    geometry = {"spacing": image.spacing if same else None, "unit": image.unit,
-                "origin": image.origin if same else None,
-                "direction": image.direction if same else None}  # fmt: skip
-    write_image(args.output, result.labels, **geometry)
+    geometry = _geometry(image, result.labels.ndim)
+    _write(args, args.output, result.labels, geometry, image_label=True)
     if args.uncertainty is not None and result.uncertainty is not None:
-        write_image(args.uncertainty, result.uncertainty, **geometry)
+        _write(args, args.uncertainty, result.uncertainty, geometry)
     if args.probabilities is not None and result.probabilities is not None:
         probs = result.probabilities  # (C, *spatial): a channel axis, then the image's spacing
-        axes = "C" + "ZYX"[-(probs.ndim - 1) :]
-        write_image(args.probabilities, probs, axes=axes, **geometry)
+        _write(args, args.probabilities, probs, geometry, axes="C" + "ZYX"[-(probs.ndim - 1) :])
 
 
 def _progress(done: int, total: int, last: list[int]) -> None:
@@ -120,24 +208,59 @@ def _progress(done: int, total: int, last: list[int]) -> None:
     last[0] = pct
 
 
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    return [(flag, path) for flag, path in (("-o", args.output),
+            ("--uncertainty", args.uncertainty), ("--probabilities", args.probabilities))
+            if path is not None]  # fmt: skip
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    from napari_segtool.inference import resolve_device, segment
+    from napari_segtool.inference import resolve_device
     from napari_segtool.io import read_image
+    from napari_segtool.io.zarr_io import ZARR_SUFFIX, is_zarr_path
     from napari_segtool.model import load_model
 
     if args.uncertainty and not args.tta:
         raise InputError("--uncertainty needs --tta (the uncertainty comes from the flips)")
-    for flag, path in (("-o", args.output), ("--uncertainty", args.uncertainty),
-                       ("--probabilities", args.probabilities)):  # fmt: skip
-        check_output(path, flag=flag, suffixes=image_outputs())
+    for flag, path in _outputs(args):
+        check_output(path, flag=flag, suffixes=(*image_outputs(), ZARR_SUFFIX),
+                     overwrite=args.overwrite)  # fmt: skip
+        if path.resolve() == args.image.resolve():
+            raise InputError(f"{flag} {path}: is the input image; name another output")
     resolve_device(args.device)  # fail before any work if the device is not there
-    image = read_image(args.image)
-    model = load_model(args.model)
+    lazy = (is_zarr_path(args.image) or args.region is not None
+            or any(is_zarr_path(path) for _, path in _outputs(args)))  # fmt: skip
+    image = read_image(args.image, lazy=lazy)
+    try:
+        model = load_model(args.model)
+        config = InferenceConfig(tile_shape=args.tile_shape, overlap=args.overlap,
+                                 blend=args.blend, batch_size=args.batch_size,
+                                 device=args.device,
+                                 precision="fp32" if args.no_amp else args.precision,
+                                 compile=args.compile, tta=args.tta)  # fmt: skip
+        volume = _one_channel(args, image, model) if lazy else None
+        if volume is not None:
+            summary = _segment_blocks(args, image, volume, model, config)
+        elif args.region is not None:
+            raise InputError(
+                "--region segments one-channel images with one-channel models (the block "
+                f"engine); {args.image} has axes {image.axes or '?'} and model "
+                f"{model.name!r} takes {model.config.in_channels} channel(s)"
+            )
+        else:
+            summary = _segment_in_memory(args, in_memory(image, purpose="segmenting"), model,
+                                         config)  # fmt: skip
+    finally:
+        image.close()
+    emit(summary)
+    return 0
+
+
+def _segment_in_memory(args: argparse.Namespace, image: ImageFile, model: SegmentationModel,
+                       config: InferenceConfig) -> dict[str, object]:  # fmt: skip
+    from napari_segtool.inference import segment
+
     rgb, channel_axis = _channels(args, image, model)
-    config = InferenceConfig(tile_shape=args.tile_shape, overlap=args.overlap, blend=args.blend,
-                             batch_size=args.batch_size, device=args.device,
-                             precision="fp32" if args.no_amp else args.precision,
-                             compile=args.compile, tta=args.tta)  # fmt: skip
     t0 = time.perf_counter()
     last = [-1]
     with TerminalProgress("segment") as bar:
@@ -157,7 +280,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         )
     _write_outputs(args, image, result)
     values = model.label_values or tuple(range(len(model.class_names)))
-    emit({
+    return {
         "output": str(args.output),
         "shape": list(result.labels.shape),
         "dtype": str(result.labels.dtype),
@@ -167,9 +290,140 @@ def cmd_segment(args: argparse.Namespace) -> int:
         },
         "device": result.device,
         "execution": result.execution,
+        "engine": "in-memory",
         "seconds": round(time.perf_counter() - t0, 2),
-    })  # fmt: skip
-    return 0
+    }  # fmt: skip
+
+
+def _one_channel(args: argparse.Namespace, image: ImageFile, model: SegmentationModel) -> Any:
+    """The image as a lazy one-channel ``(Z, Y, X)`` or ``(Y, X)`` array for the block
+    engine (a channel axis of length 1 dropped), or None when it has colour or channels."""
+    from napari_segtool.io.zarr_io import RegionView
+
+    if model.config.in_channels != 1 or args.rgb or (image.rgb and args.channel_axis is None):
+        return None
+    data = image.data
+    axis = args.channel_axis if args.channel_axis is not None else image.channel_axis
+    if axis is not None:
+        if not -data.ndim <= axis < data.ndim or data.shape[axis] != 1:
+            return None
+        key: list[slice | int] = [slice(None)] * data.ndim
+        key[axis] = 0
+        data = RegionView(data, key)
+    return data if len(data.shape) in (2, 3) else None
+
+
+def _segment_blocks(
+    args: argparse.Namespace,
+    image: ImageFile,
+    volume: Any,
+    model: SegmentationModel,
+    config: InferenceConfig,
+) -> dict[str, object]:
+    """Segment with the block engine: zarr outputs filled block by block, others in memory."""
+    from contextlib import ExitStack
+
+    from napari_segtool.inference import resolve_device
+    from napari_segtool.inference.blocks import segment_blocks, subsample_range, subsample_slices
+
+    full = tuple(int(n) for n in volume.shape)
+    region = None if args.region is None else parse_region(args.region, full)
+    shape = full if region is None else tuple(r.stop - r.start for r in region)
+    t0 = time.perf_counter()
+    value_range = subsample_range(volume, model.normalization, max_voxels=SAMPLE_VOXELS)
+    index, stride = subsample_slices(full, max_voxels=SAMPLE_VOXELS)
+    geometry = _geometry(image, len(shape), None if region is None else
+                         tuple(r.start for r in region))  # fmt: skip
+    counts = np.zeros(model.config.out_channels, np.int64)
+    last = [-1]
+    with ExitStack() as stack, TerminalProgress("segment") as bar:
+        targets, finish = _block_targets(args, stack, shape, model, config, geometry)
+
+        def progress(done: int, total: int) -> None:
+            _progress(done, total, last)
+            bar.tiles(done, total)
+
+        execution = segment_blocks(volume, model, value_range=value_range, config=config,
+                                   region=region, counts_out=counts, progress=progress,
+                                   **targets)  # fmt: skip
+        finish()
+    return {
+        "output": str(args.output),
+        "shape": list(shape),
+        "dtype": str(targets["labels_out"].dtype),
+        "classes": {name: int(n) for name, n in zip(model.class_names, counts, strict=False)},
+        "device": str(resolve_device(config.device)),
+        "execution": execution,
+        "engine": "blocks",
+        "region": None if region is None else [[r.start, r.stop] for r in region],
+        "normalization": {
+            "range": [float(value_range[0][0]), float(value_range[1][0])],
+            "percentiles": [model.normalization.lower, model.normalization.upper],
+            "sampled": {
+                "slices": len(index),
+                "of": full[0],
+                "stride": stride,
+                "voxels": len(index) * -(-full[1] // stride) * math.prod(full[2:]),
+            },
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _block_targets(args: argparse.Namespace, stack: ExitStack, shape: tuple[int, ...],
+                   model: SegmentationModel, config: InferenceConfig,
+                   geometry: dict) -> tuple[dict[str, Any], Any]:  # fmt: skip
+    """The engine's output arrays and a ``finish()`` that completes them: .zarr outputs are
+    OME-Zarr stores filled block by block (removed unless finished), the others arrays in
+    memory (checked first) written as files at the end."""
+    from napari_segtool.inference.blocks import block_rows, labels_dtype
+    from napari_segtool.io import check_allocation
+    from napari_segtool.io.memory import format_bytes
+    from napari_segtool.io.zarr_io import OmeZarrWriter, is_zarr_path
+
+    n = model.config.out_channels
+    spatial = "ZYX"[-len(shape) :]
+    wanted = [("labels_out", args.output, labels_dtype(model), False)]
+    if args.uncertainty is not None:
+        wanted.append(("uncertainty_out", args.uncertainty, np.dtype(np.float32), False))
+    if args.probabilities is not None:
+        wanted.append(("probabilities_out", args.probabilities, np.dtype(np.float32), True))
+    in_ram = [(path, math.prod(shape) * dtype.itemsize * (n if probs else 1))
+              for _, path, dtype, probs in wanted if not is_zarr_path(path)]  # fmt: skip
+    if in_ram:
+        check_allocation(
+            sum(nbytes for _, nbytes in in_ram),
+            what=f"holding {', '.join(f'{p} ({format_bytes(b)})' for p, b in in_ram)} in "
+            "memory until it is written",
+            hint="write .zarr outputs instead (OME-Zarr, written block by block)",
+        )
+    rows = block_rows(shape, model, config=config)
+    chunks = (*((rows,) if len(shape) == 3 else ()),
+              *(min(ZARR_CHUNK_YX, s) for s in shape[-2:]))  # fmt: skip
+    targets: dict[str, Any] = {}
+    later: list[Any] = []
+    for key, path, dtype, probs in wanted:
+        full = (n, *shape) if probs else shape
+        axes = ("C" if probs else "") + spatial
+        if is_zarr_path(path):
+            writer = stack.enter_context(OmeZarrWriter(
+                path, shape=full, dtype=dtype, axes=axes, spacing=geometry["spacing"],
+                unit=geometry["unit"], translation=_translation(args, geometry),
+                chunks=chunks, image_label=key == "labels_out", overwrite=args.overwrite,
+            ))  # fmt: skip
+            targets[key] = writer.rows  # in row order: every level's chunks written once, whole
+            later.append(writer.commit)
+        else:
+            arr = np.empty(full, dtype)
+            targets[key] = arr
+            later.append(lambda path=path, arr=arr, axes=axes: _write(
+                args, path, arr, geometry, axes=axes if "C" in axes else None))  # fmt: skip
+
+    def finish() -> None:
+        for done in later:
+            done()
+
+    return targets, finish
 
 
 def _print_metrics(result: dict[str, Any], unit: str) -> None:
@@ -187,21 +441,48 @@ def _print_metrics(result: dict[str, Any], unit: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from napari_segtool.metrics import evaluate
+    from napari_segtool.io.zarr_io import RegionView
+    from napari_segtool.metrics.blockwise import evaluate_blockwise
 
     check_output(args.output, suffixes=(".json",))
-    pred = read_labels_file(args.pred)
-    ref = read_labels_file(args.ref)
-    check_grid(ref, pred)  # medical files: the same voxels in space, not only the same shape
-    voxel = args.spacing or ref.spacing  # a medical file's spacing is in mm
-    if len(voxel) == 1:
-        voxel = voxel * ref.data.ndim
-    if len(voxel) != ref.data.ndim:
-        raise InputError(
-            f"--spacing has {len(voxel)} values for a {ref.data.ndim}D image; give one per axis"
-        )
-    result = evaluate(pred.data, ref.data, spacing=voxel, distances=not args.no_distances,
-                      per_slice=args.per_slice)  # fmt: skip
+    pred = read_labels_file(args.pred, lazy=True)
+    try:
+        ref = read_labels_file(args.ref, lazy=True)
+    except BaseException:
+        pred.close()
+        raise
+    try:
+        check_grid(ref, pred)  # medical files: the same voxels in space, not only the same shape
+        shape = tuple(int(n) for n in ref.data.shape)
+        if tuple(pred.data.shape) != shape:
+            raise InputError(
+                f"prediction {tuple(pred.data.shape)} and reference {shape} differ in shape"
+            )
+        voxel = args.spacing or ref.spacing  # a medical file's spacing is in mm
+        if len(voxel) == 1:
+            voxel = voxel * ref.data.ndim
+        if len(voxel) != ref.data.ndim:
+            raise InputError(
+                f"--spacing has {len(voxel)} values for a {ref.data.ndim}D image; give one per "
+                "axis"
+            )
+        p, r = pred.data, ref.data
+        if args.region is not None:
+            region = parse_region(args.region, shape)
+            p, r = RegionView(p, region), RegionView(r, region)
+            shape = tuple(p.shape)
+        _check_distance_size(args, shape)
+        with TerminalProgress("evaluate", quiet=args.json) as bar:
+            result = evaluate_blockwise(
+                p, r, spacing=voxel, distances=not args.no_distances, per_slice=args.per_slice,
+                max_distance_voxels=DISTANCE_LIMIT,
+                progress=lambda d, t: bar.advance("slice", d, t),
+            )  # fmt: skip
+    finally:
+        pred.close()
+        ref.close()
+    if args.region is not None:
+        result["region"] = [[s.start, s.stop] for s in region]
     if args.output is not None:
         write_json(args.output, finite(result))
     if args.json:
@@ -209,3 +490,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         _print_metrics(result, ref.unit)
     return 0
+
+
+def _check_distance_size(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
+    """Refuse distances of a volume above :data:`DISTANCE_LIMIT` before anything is read."""
+    voxels = math.prod(shape)
+    if args.no_distances or voxels <= DISTANCE_LIMIT:
+        return
+    if args.per_slice and len(shape) == 3 and math.prod(shape[1:]) <= DISTANCE_LIMIT:
+        return  # each slice's distances instead
+    raise InputError(
+        f"{args.pred}: HD, HD95 and ASSD are computed exactly only up to {DISTANCE_LIMIT:,} "
+        f"voxels and these labels have {voxels:,}; pass --no-distances (the overlap metrics, "
+        "block by block), --per-slice (each slice's distances) or --region z0:z1,y0:y1,x0:x1 "
+        "(a box of at most that many voxels)"
+    )

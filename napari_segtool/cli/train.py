@@ -1,4 +1,8 @@
-"""``train`` (train or fine-tune a model on label files) and ``simulate`` (active learning)."""
+"""``train`` (train or fine-tune a model on label files) and ``simulate`` (active learning).
+
+Both hold the image and its labels in memory: a zarr store (``.zarr``) is read whole, after a
+check that it fits (:func:`~napari_segtool.cli._common.in_memory`); crop a larger volume.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from napari_segtool.cli._common import (
     check_output,
     emit,
     finetune_config,
+    in_memory,
     logger,
     read_labels,
     read_mask,
@@ -29,6 +34,12 @@ if TYPE_CHECKING:
     from napari_segtool.training import FinetuneResult
 
 
+IN_MEMORY = (
+    "The image, labels and mask are held in memory: a .zarr store (zarr array or OME-Zarr) is "
+    "read whole after a check that it fits; crop a larger volume first."
+)
+
+
 def _training_flags(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
@@ -41,14 +52,19 @@ def _training_flags(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -
 def add_parsers(sub: Any) -> None:
     """Add ``train`` and ``simulate`` to the subcommands."""
     fdef = FinetuneConfig()
-    tr = sub.add_parser("train", help="train or fine-tune a model on (partial) labels")
+    tr = sub.add_parser(
+        "train", help="train or fine-tune a model on (partial) labels",
+        description=f"Train or fine-tune a model on (partial) labels. {IN_MEMORY}",
+    )  # fmt: skip
     tr.add_argument(
-        "image", type=Path, help="image (TIFF, NIfTI, NRRD, MHA, DICOM folder): 2D, RGB or 3D"
-    )
+        "image", type=Path,
+        help="image (TIFF, NIfTI, NRRD, MHA, DICOM folder, .zarr): 2D, RGB or 3D",
+    )  # fmt: skip
     tr.add_argument(
         "labels", type=Path,
-        help="training labels (TIFF, NIfTI, ...): 0 background, any other values are classes "
-        "(sparse ids such as 5, 117 train as that many classes and come back out as the same ids)",
+        help="training labels (TIFF, NIfTI, .zarr, ...): 0 background, any other values are "
+        "classes (sparse ids such as 5, 117 train as that many classes and come back out as the "
+        "same ids)",
     )  # fmt: skip
     tr.add_argument(
         "-o", "--output", type=Path, required=True,
@@ -71,12 +87,15 @@ def add_parsers(sub: Any) -> None:
     tr.set_defaults(run=cmd_train)
 
     sim = sub.add_parser(
-        "simulate", help="measure an active-learning strategy by simulated correction rounds"
-    )
+        "simulate", help="measure an active-learning strategy by simulated correction rounds",
+        description="Measure an active-learning strategy by simulated correction rounds. "
+        f"{IN_MEMORY}",
+    )  # fmt: skip
     sim.add_argument(
-        "image", type=Path, help="image (TIFF, NIfTI, NRRD, MHA, DICOM folder): 3D or 2D"
+        "image", type=Path, help="image (TIFF, NIfTI, NRRD, MHA, DICOM folder, .zarr): 3D or 2D"
     )
-    sim.add_argument("labels", type=Path, help="the full reference labels (TIFF, NIfTI, ...)")
+    sim.add_argument("labels", type=Path,
+                     help="the full reference labels (TIFF, NIfTI, .zarr, ...)")  # fmt: skip
     sim.add_argument("--strategy", choices=("uncertainty", "random", "foreground-random"),
                      default="uncertainty")  # fmt: skip
     sim.add_argument(
@@ -151,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = finetune_config(args, validation_fraction=args.validation_fraction,
                              patience=args.patience, seed=args.seed)  # fmt: skip
     resolve_device(args.device)
-    image = read_image(args.image)
+    image = in_memory(read_image(args.image), purpose="training")
     labels = read_labels(args.labels, grid=image)
     mask = None if args.mask is None else read_mask(args.mask, labels.shape, grid=image)
     model = _start_model(args, image.data, labels, mask)
@@ -187,7 +206,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     check_output(args.output, suffixes=(".json",))
     resolve_device(args.device)
-    image_file = read_image(args.image)
+    image_file = in_memory(read_image(args.image), purpose="simulating")
     image = image_file.data
     labels = read_labels(args.labels, grid=image_file)
     if args.seeds < 1:

@@ -8,6 +8,14 @@ Layout of a project folder (by default ``<image file>.segtool/`` beside the imag
     project.lock       the OS lock of the writer that has the project open
     project.lock.json  who holds it: program, pid, host, since
 
+or, for an image larger than memory (a *chunked* project, :meth:`Project.create_chunked`),
+``state.json`` (the same record, ``"storage": "chunked"``) and ``state.zarr/`` (the three
+arrays as zarr v3 arrays, read and written a chunk at a time) in place of ``state.npz``; see
+:mod:`napari_segtool.io.chunked_state` for its files, what a save writes and what a kill
+leaves. :meth:`Project.load` returns a
+:class:`~napari_segtool.io.chunked_state.ChunkedState` for such a folder, a
+:class:`ProjectState` otherwise; a folder holding both files is refused.
+
 ``state.npz`` is one file written atomically (temporary file, fsync, rename), so the labels,
 the record of what the user touched and the list of versions always belong together, and a
 crash or kill mid-save leaves the previous save intact. Model files are written (atomically)
@@ -49,6 +57,13 @@ import numpy as np
 
 from napari_segtool.errors import InputError
 from napari_segtool.io.atomic import atomic_write
+from napari_segtool.io.chunked_state import (
+    RECORD_FILE,
+    STORE_DIR,
+    ChunkedState,
+    check_store,
+    record_text,
+)
 from napari_segtool.io.lock import HOLDER_FILE, LOCK_FILE, WRITE_WAIT, ProjectLock
 from napari_segtool.io.project_checks import (
     FORMAT,
@@ -58,6 +73,7 @@ from napari_segtool.io.project_checks import (
     NAME,
     base_model_problem,
     inside,
+    read_json_file,
     read_members,
     record_problems,
 )
@@ -67,17 +83,27 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.npz"
 SUFFIX = ".segtool"
+#: The ``storage`` value of a chunked project's record.
+CHUNKED = "chunked"
+
+AnyState = ProjectState | ChunkedState
+"""A project's state in either format."""
 
 __all__ = [
+    "CHUNKED",
     "FORMAT",
     "FORMAT_VERSION",
     "HOLDER_FILE",
     "LOCK_FILE",
     "MAX_RECORD_BYTES",
     "MAX_VOXELS",
+    "RECORD_FILE",
     "STATE_FILE",
+    "STORE_DIR",
     "SUFFIX",
     "WRITE_WAIT",
+    "AnyState",
+    "ChunkedState",
     "Project",
     "ProjectLock",
     "ProjectState",
@@ -128,13 +154,81 @@ class Project:
 
     @property
     def state_path(self) -> Path:
-        return self.folder / STATE_FILE
+        """The file holding the record: ``state.json`` for a chunked project, else
+        ``state.npz``."""
+        chunked = self.folder / RECORD_FILE
+        return chunked if chunked.exists() else self.folder / STATE_FILE
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the folder holds a chunked project (``state.json`` and ``state.zarr``)."""
+        return (self.folder / RECORD_FILE).exists()
 
     def model_path(self, version: int) -> Path:
         return self.folder / "models" / f"v{version:04d}.pt"
 
     def exists(self) -> bool:
         return self.state_path.exists()
+
+    def create_chunked(
+        self,
+        shape: tuple[int, ...] | None = None,
+        dtype: Any = None,
+        *,
+        chunks: tuple[int, ...] | None = None,
+        labels: Any = None,
+        machine: Any = None,
+        base_model: str = "",
+        image: dict[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ChunkedState:
+        """Start a chunked project here (for an image larger than memory), under the lock.
+
+        Parameters
+        ----------
+        shape, dtype : optional
+            The labels' shape and integer dtype (from ``labels`` or ``machine`` if given).
+        chunks : tuple of int, optional
+            Chunk shape (default :data:`~napari_segtool.io.chunked_state.DEFAULT_CHUNKS`).
+        labels, machine : array-like, optional
+            The starting labels and the machine prediction (numpy, zarr, dask), written a
+            box at a time; see :meth:`ChunkedState.create`.
+        base_model, image : optional
+            As in the record of :class:`ProjectState`.
+        progress : callable, optional
+            ``progress(done, total)`` per box written.
+
+        Returns
+        -------
+        ChunkedState
+            Its arrays on disk; save it with :meth:`save` like any state.
+
+        Raises
+        ------
+        InputError
+            When a project is saved here already, another writer holds the folder, or the
+            layout, ``base_model`` or ``image`` would not load again.
+        """
+        with self._lock.hold(timeout=self.wait):
+            if self.exists():
+                raise InputError(
+                    f"{self.state_path}: a project is saved here already; open it, or choose "
+                    "another folder"
+                )
+            source = labels if labels is not None else machine
+            size = tuple(source.shape) if source is not None else tuple(shape or ())
+            record = self._record_of(reviewed=[], versions=[], current_version=None,
+                                     base_model=base_model, image=dict(image or {}),
+                                     shape=list(size))  # fmt: skip
+            problems = record_problems(record, size, self.folder)
+            if problems:
+                raise InputError(f"{self.folder}: not created: " + "; ".join(problems))
+            state = ChunkedState.create(
+                self.folder, shape=shape, dtype=dtype, chunks=chunks, labels=labels,
+                machine=machine, base_model=base_model, image=image, progress=progress,
+            )  # fmt: skip
+            self._save(state, merge=False)
+            return state
 
     def file(self, relative: str) -> Path:
         """``folder / relative`` for a path the record names, refusing one that leaves it.
@@ -277,23 +371,38 @@ class Project:
 
     # -- saving and loading --------------------------------------------------------------------
 
-    def save(self, state: ProjectState) -> Path:
+    def save(self, state: AnyState) -> Path:
         """Write the state atomically, under the lock; returns the state file's path.
 
         Versions are never dropped: versions listed on disk but missing from ``state`` (a
         round recorded since ``state`` was copied) are kept, and added to ``state``; when the
         version in use on disk is one of those, it stays in use.
 
+        A :class:`~napari_segtool.io.chunked_state.ChunkedState` (its arrays are already on
+        disk) has the chunk files written since its last save flushed to disk, then its
+        record written atomically to ``state.json``.
+
         Raises
         ------
         InputError
-            When another writer holds the project, or when ``state`` would not load again
-            (a path outside the folder, a reviewed slice out of range).
+            When another writer holds the project, when ``state`` would not load again
+            (a path outside the folder, a reviewed slice out of range), or when its format
+            is not the folder's (a chunked state of another folder, an in-memory state for
+            a chunked folder).
         """
         with self._lock.hold(timeout=self.wait):
             return self._save(state, merge=True)
 
-    def _save(self, state: ProjectState, *, merge: bool) -> Path:
+    def _record_of(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "saved": _dt.datetime.now(_dt.UTC).isoformat(),
+            **fields,
+        }
+
+    def _save(self, state: AnyState, *, merge: bool) -> Path:
+        self._check_storage(state)
         if merge and self.exists():
             try:
                 on_disk = self._read(arrays=False)
@@ -301,18 +410,22 @@ class Project:
                 logger.warning("replacing a damaged project file: %s", exc)
             else:
                 _catch_up(state, on_disk)
-        record = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "saved": _dt.datetime.now(_dt.UTC).isoformat(),
-            "reviewed": sorted(state.reviewed),
-            "versions": state.versions,
-            "current_version": state.current_version,
-            "base_model": state.base_model,
-            "image": state.image,
-            "shape": list(state.labels.shape),
-        }
+        record = self._record_of(
+            reviewed=sorted(state.reviewed),
+            versions=state.versions,
+            current_version=state.current_version,
+            base_model=state.base_model,
+            image=state.image,
+            shape=list(state.labels.shape),
+        )
         problems = record_problems(record, tuple(state.labels.shape), self.folder)
+        if isinstance(state, ChunkedState):
+            path = self.folder / RECORD_FILE
+            if problems:
+                raise InputError(f"{path}: not saved: " + "; ".join(problems))
+            record["storage"] = CHUNKED
+            state.sync()  # the chunks first: the record never names what is not on disk
+            return atomic_write(path, lambda fh: fh.write(record_text(record)))
         if problems:
             raise InputError(f"{self.state_path}: not saved: " + "; ".join(problems))
         meta = np.frombuffer(json.dumps(record).encode(), np.uint8)
@@ -325,8 +438,12 @@ class Project:
         }
         return atomic_write(self.state_path, lambda fh: np.savez_compressed(fh, **arrays))
 
-    def load(self) -> ProjectState:
+    def load(self) -> AnyState:
         """Read the state back, checking every field first.
+
+        A chunked project's arrays are opened, not read (:class:`ChunkedState`); its store's
+        files are listed once (no links allowed) and, when this object holds the lock,
+        temporaries a killed writer left are removed.
 
         Raises
         ------
@@ -337,7 +454,49 @@ class Project:
         """
         return self._read(arrays=True)
 
-    def _read(self, *, arrays: bool) -> ProjectState:
+    def _check_storage(self, state: AnyState) -> None:
+        """Refuse a state whose format is not this folder's."""
+        if isinstance(state, ChunkedState):
+            if not _same_folder(state.folder, self.folder):
+                raise InputError(
+                    f"this chunked state's arrays are in {state.folder}, not in {self.folder}; "
+                    "save it with its own project"
+                )
+            if (self.folder / STATE_FILE).exists():
+                raise InputError(
+                    f"{self.folder / STATE_FILE}: this project is stored in memory-sized form; "
+                    "a chunked state cannot be saved into it"
+                )
+        elif self.chunked:
+            raise InputError(
+                f"{self.folder / RECORD_FILE}: this project is chunked; save its chunked "
+                "state (Project.load()), not an in-memory one"
+            )
+
+    def _read_chunked(self, *, walk: bool) -> ChunkedState:
+        p = self.folder / RECORD_FILE
+        if (self.folder / STATE_FILE).exists():
+            raise InputError(
+                f"{self.folder}: holds both {STATE_FILE} and {RECORD_FILE}; move the one you "
+                "do not want out of the folder"
+            )
+        try:
+            record = read_json_file(p, limit=MAX_RECORD_BYTES)
+        except (OSError, ValueError) as exc:  # also bad UTF-8 or JSON
+            raise InputError(f"{p}: damaged project file ({type(exc).__name__}: {exc})") from None
+        shape = check_store(self.folder / STORE_DIR)
+        problems = record_problems(record, shape, self.folder)
+        if not problems and record.get("storage") != CHUNKED:
+            problems = [f"'storage': {str(record.get('storage'))[:20]!r} is not {CHUNKED!r}"]
+        if problems:
+            if problems[0].startswith("'format"):
+                raise InputError(f"{p}: {problems[0]}")
+            raise InputError(f"{p}: damaged project file: " + "; ".join(problems))
+        return ChunkedState.open(self.folder, record, walk=walk, remove_stale=walk and self.locked)
+
+    def _read(self, *, arrays: bool) -> AnyState:
+        if self.chunked:
+            return self._read_chunked(walk=arrays)
         p = self.state_path
         if not p.exists():
             raise InputError(f"{p}: no project saved here")
@@ -370,7 +529,14 @@ class Project:
         )
 
 
-def _catch_up(state: ProjectState, on_disk: ProjectState) -> None:
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _catch_up(state: AnyState, on_disk: AnyState) -> None:
     """Give ``state`` the versions recorded on disk since it was copied (never dropping one)."""
     seen = {v["version"] for v in state.versions}
     if on_disk.current_version is not None and on_disk.current_version not in seen:

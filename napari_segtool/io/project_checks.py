@@ -2,7 +2,10 @@
 
 Files are hostile until checked (see :mod:`napari_segtool.io.project`): the ``.npy`` headers
 of ``state.npz`` are read and checked against each other and :data:`MAX_VOXELS` before any
-data, and every field of the JSON record before it is used.
+data, and every field of the JSON record before it is used. A chunked project
+(:mod:`napari_segtool.io.chunked_state`) is checked the same way: each array's ``zarr.json``
+is read as plain JSON and checked (:func:`array_metadata_problems`,
+:func:`chunked_layout_problems`) before zarr opens anything.
 """
 
 from __future__ import annotations
@@ -28,6 +31,31 @@ MAX_VOXELS = 2**32
 MAX_RECORD_BYTES = 16 * 2**20
 ARRAYS = ("labels", "machine", "painted", "meta")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+# -- chunked projects (state.zarr) --------------------------------------------------------------
+
+#: Largest label image a chunked project may hold (voxels). It is never held in memory whole,
+#: so the bound is against absurd headers, not memory: 2**40 is 1 TiB of uint8.
+MAX_CHUNKED_VOXELS = 2**40
+#: Most chunks along the grid of one array: bounds every walk over the grid (a box iterator,
+#: a merge) however the chunks were chosen.
+MAX_CHUNKS = 2**24
+#: Most voxels in one chunk: zarr allocates every chunk it reads whole.
+MAX_CHUNK_VOXELS = 2**24
+#: Largest ``zarr.json`` of a chunked project (bytes); read before zarr parses it.
+MAX_METADATA_BYTES = 2**20
+#: The arrays of a chunked project, in the order they are checked.
+CHUNKED_ARRAYS = ("labels", "machine", "painted")
+#: Integer data types a chunked project's labels may have (zarr v3 names).
+LABEL_DTYPES = frozenset(
+    {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+)
+#: Byte-to-byte codecs a chunked project may use after the ``bytes`` codec (no sharding).
+BYTES_CODECS = frozenset({"zstd", "blosc", "gzip", "crc32c"})
+_ARRAY_KEYS = frozenset(
+    {"shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value", "codecs",
+     "attributes", "zarr_format", "node_type", "storage_transformers", "dimension_names"}
+)  # fmt: skip
 
 
 def is_int(value: object) -> bool:
@@ -242,3 +270,173 @@ def read_array(zf: zipfile.ZipFile, name: str) -> NDArray:
     fh: IO[bytes]
     with zf.open(f"{name}.npy") as fh:
         return np.lib.format.read_array(fh, allow_pickle=False)
+
+
+# -- chunked projects --------------------------------------------------------------------------
+
+
+def read_json_file(path: Path, *, limit: int) -> Any:
+    """A JSON file of at most ``limit`` bytes, parsed; ``ValueError`` for anything else.
+
+    The size is checked before reading (a hostile file may be huge) and the file must be a
+    regular file, not a link.
+    """
+    info = path.lstat()
+    if not path.is_file() or path.is_symlink():
+        raise ValueError(f"{path.name} is not a regular file")
+    if info.st_size > limit:
+        raise ValueError(f"{path.name} holds {info.st_size:,} bytes, more than {limit:,}")
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    return json.loads(data.decode())
+
+
+def layout_problems(shape: object, dtype: object, chunks: object, *, name: str) -> list[str]:
+    """Problems of an array layout (shape, zarr data type name, chunk shape) of a chunked
+    project; empty when it is sound. ``dtype`` ``"bool"`` is the painted mask's.
+
+    >>> layout_problems([4, 512, 512], "uint16", [1, 256, 256], name="labels")
+    []
+    >>> layout_problems([4, 512], "float32", [1, 0], name="labels")  # doctest: +ELLIPSIS
+    ["'labels': data type 'float32' is not an integer type", "'labels': chunk shape [1, 0] ..."]
+    """
+    problems = []
+    if (
+        not isinstance(shape, list | tuple)
+        or len(shape) not in (2, 3)
+        or not all(is_int(n) and n >= 1 for n in shape)
+    ):
+        return [f"{name!r}: shape {str(shape)[:80]} is not a 2D image or a 3D stack"]
+    size = math.prod(shape)
+    if size > MAX_CHUNKED_VOXELS:
+        problems.append(f"{name!r}: {size:,} voxels is more than {MAX_CHUNKED_VOXELS:,}")
+    if dtype != "bool" and dtype not in LABEL_DTYPES:
+        problems.append(f"{name!r}: data type {str(dtype)[:40]!r} is not an integer type")
+    if (
+        not isinstance(chunks, list | tuple)
+        or len(chunks) != len(shape)
+        or not all(is_int(c) and c >= 1 for c in chunks)
+    ):
+        problems.append(
+            f"{name!r}: chunk shape {str(chunks)[:80]} is not one positive size per axis"
+        )
+        return problems
+    if math.prod(chunks) > MAX_CHUNK_VOXELS:
+        problems.append(
+            f"{name!r}: chunks of {math.prod(chunks):,} voxels are more than {MAX_CHUNK_VOXELS:,}"
+        )
+    count = math.prod(-(-s // c) for s, c in zip(shape, chunks, strict=True))
+    if count > MAX_CHUNKS:
+        problems.append(f"{name!r}: {count:,} chunks is more than {MAX_CHUNKS:,}; use larger ones")
+    return problems
+
+
+def array_metadata_problems(
+    meta: object, name: str
+) -> tuple[list[str], tuple[tuple[int, ...], str, tuple[int, ...]] | None]:
+    """Problems of one array's ``zarr.json`` in a chunked project, and its layout.
+
+    Only what :mod:`napari_segtool.io.chunked_state` writes is accepted: zarr v3, a regular
+    chunk grid, the default chunk keys with ``/``, the ``bytes`` codec followed by
+    compressors and checksums from :data:`BYTES_CODECS` (no sharding, no storage
+    transformers), and a fill value of 0 (``false`` for the painted mask).
+
+    Returns
+    -------
+    problems : list of str
+        Empty when sound.
+    layout : (shape, data type, chunks) or None
+        None when a problem prevents reading it.
+    """
+    if not isinstance(meta, dict):
+        return [f"{name!r}: the zarr metadata is not a JSON object"], None
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        return [f"{name!r}: not a zarr v3 array"], None
+    problems = []
+    if unknown := sorted(set(meta) - _ARRAY_KEYS):
+        problems.append(f"{name!r}: unknown zarr metadata {unknown[:4]}")
+    grid = meta.get("chunk_grid")
+    chunks = None
+    if (
+        isinstance(grid, dict)
+        and grid.get("name") == "regular"
+        and isinstance(grid.get("configuration"), dict)
+    ):
+        chunks = grid["configuration"].get("chunk_shape")
+    else:
+        problems.append(f"{name!r}: the chunk grid is not a regular one")
+    shape, dtype = meta.get("shape"), meta.get("data_type")
+    problems += layout_problems(shape, dtype, chunks, name=name)
+    if (dtype == "bool") != (name == "painted"):
+        problems.append(f"{name!r}: data type {str(dtype)[:40]!r} is not what {name} holds")
+    problems += _encoding_problems(meta, name)
+    problems += _codec_problems(meta.get("codecs"), name)
+    dims = meta.get("dimension_names")
+    if dims is not None and (
+        not isinstance(dims, list)
+        or not isinstance(shape, list)
+        or len(dims) != len(shape)
+        or not all(d is None or isinstance(d, str) for d in dims)
+    ):
+        problems.append(f"{name!r}: dimension names {str(dims)[:60]} are not one per axis")
+    if not isinstance(meta.get("attributes", {}), dict):
+        problems.append(f"{name!r}: attributes are not a JSON object")
+    if problems:
+        return problems, None
+    return [], (tuple(shape), str(dtype), tuple(chunks))  # type: ignore[arg-type]
+
+
+def _encoding_problems(meta: dict[str, Any], name: str) -> list[str]:
+    """Chunk keys, fill value and storage transformers of one array's metadata."""
+    problems = []
+    encoding = meta.get("chunk_key_encoding")
+    config = encoding.get("configuration", {}) if isinstance(encoding, dict) else None
+    if (
+        not isinstance(encoding, dict)
+        or encoding.get("name") != "default"
+        or not isinstance(config, dict)
+        or config.get("separator", "/") != "/"
+    ):
+        problems.append(f"{name!r}: chunk keys are not zarr's default ones with '/'")
+    fill = meta.get("fill_value")
+    if name == "painted" and fill is not False:
+        problems.append(f"{name!r}: fill value {str(fill)[:20]} is not false")
+    elif name != "painted" and (not is_int(fill) or fill != 0):
+        problems.append(f"{name!r}: fill value {str(fill)[:20]} is not 0")
+    if meta.get("storage_transformers", []) != []:
+        problems.append(f"{name!r}: storage transformers are not supported")
+    return problems
+
+
+def _codec_problems(codecs: object, name: str) -> list[str]:
+    if not isinstance(codecs, list) or not codecs or not all(isinstance(c, dict) for c in codecs):
+        return [f"{name!r}: codecs are not a list of objects"]
+    names = [c.get("name") for c in codecs]
+    if names[0] != "bytes" or not all(n in BYTES_CODECS for n in names[1:]):
+        return [
+            f"{name!r}: codecs {[str(n)[:20] for n in names[:6]]} are not 'bytes' followed by "
+            f"{sorted(BYTES_CODECS)}"
+        ]
+    return []
+
+
+def chunked_layout_problems(
+    layouts: dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]],
+) -> list[str]:
+    """Problems between the arrays of a chunked project: one shape and chunk grid for all,
+    one data type for the labels and the machine prediction."""
+    shape, dtype, chunks = layouts["labels"]
+    problems = []
+    m_shape, m_dtype, m_chunks = layouts["machine"]
+    if (m_shape, m_dtype, m_chunks) != (shape, dtype, chunks):
+        problems.append(
+            f"'machine': {list(m_shape)} {m_dtype} in chunks {list(m_chunks)} but the labels "
+            f"are {list(shape)} {dtype} in chunks {list(chunks)}"
+        )
+    p_shape, _, p_chunks = layouts["painted"]
+    if (p_shape, p_chunks) != (shape, chunks):
+        problems.append(
+            f"'painted': {list(p_shape)} in chunks {list(p_chunks)} but the labels are "
+            f"{list(shape)} in chunks {list(chunks)}"
+        )
+    return problems

@@ -1,11 +1,17 @@
 """What the user made for one image: labels, the model's last output, painted voxels, versions.
 
 :class:`ProjectState` is what :class:`~napari_segtool.io.project.Project` saves and loads;
-see :mod:`napari_segtool.io.project` for the file.
+see :mod:`napari_segtool.io.project` for the file. Its arrays are in memory; for an image
+larger than memory the project holds a
+:class:`~napari_segtool.io.chunked_state.ChunkedState` instead, with the same attributes and
+the same box-wise methods (:meth:`ProjectState.labelled_region`,
+:meth:`ProjectState.labelled_boxes`, :meth:`ProjectState.unlabelled_boxes`), so code written
+box by box serves both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +19,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
-from napari_segtool.io.labelled import labelled_mask
+from napari_segtool.io.chunked_state import (
+    DEFAULT_CHUNKS,
+    Box,
+    ChunkedState,
+    grid_boxes,
+    normalise_box,
+)
+from napari_segtool.io.labelled import labelled_in_box, labelled_mask
 from napari_segtool.io.paint import paint_changes
 
 __all__ = ["ProjectState", "merge_untouched"]
@@ -128,13 +141,69 @@ class ProjectState:
                 return entry
         raise InputError(f"no model version {number} in this project")
 
+    # -- box by box, as ChunkedState ----------------------------------------------------------
 
-def merge_untouched(state: ProjectState, prediction: NDArray) -> int:
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.labels.shape)
+
+    def changed_region(self, box: Sequence[slice]) -> NDArray[np.bool_]:
+        """:meth:`changed` over one box (``slice(start, stop)`` per axis)."""
+        box = normalise_box(box, self.shape)
+        return np.asarray(self.painted[box], bool) | (self.labels[box] != self.machine[box])
+
+    def labelled_region(self, box: Sequence[slice]) -> NDArray[np.bool_]:
+        """:meth:`labelled` over one box, as
+        :meth:`~napari_segtool.io.chunked_state.ChunkedState.labelled_region`."""
+        box = normalise_box(box, self.shape)
+        return labelled_in_box(
+            self.shape, box, changed=self.changed_region(box), reviewed=self.reviewed
+        )
+
+    def protected_region(self, box: Sequence[slice]) -> NDArray[np.bool_]:
+        """:meth:`protected` over one box."""
+        return self.labelled_region(box)
+
+    def boxes(self, block: Sequence[int] | None = None) -> Iterator[Box]:
+        """The cells of a ``block`` grid over the image (default
+        :data:`~napari_segtool.io.chunked_state.DEFAULT_CHUNKS`)."""
+        return grid_boxes(self.shape, self._block(block))
+
+    def labelled_boxes(self, block: Sequence[int] | None = None) -> list[Box]:
+        """The cells of a ``block`` grid holding a labelled voxel (the image is in memory,
+        so this is exact)."""
+        labelled = self.labelled()
+        return [b for b in self.boxes(block) if labelled[b].any()]
+
+    def unlabelled_boxes(self, block: Sequence[int] | None = None) -> Iterator[Box]:
+        """The cells of a ``block`` grid holding a voxel that is not labelled."""
+        labelled = self.labelled()
+        return (b for b in self.boxes(block) if not labelled[b].all())
+
+    def painted_voxels(self) -> int:
+        return int(np.count_nonzero(self.painted))
+
+    def labelled_voxels(self) -> int:
+        return int(np.count_nonzero(self.labelled()))
+
+    def _block(self, block: Sequence[int] | None) -> tuple[int, ...]:
+        if block is None:
+            default = DEFAULT_CHUNKS.get(len(self.shape), self.shape)
+            return tuple(min(b, s) for b, s in zip(default, self.shape, strict=True))
+        block = tuple(int(b) for b in block)
+        if len(block) != len(self.shape) or min(block) < 1:
+            raise InputError(f"block {block} is not one positive size per axis of {self.shape}")
+        return block
+
+
+def merge_untouched(state: ProjectState | ChunkedState, prediction: NDArray) -> int:
     """Write a new machine prediction into ``state`` wherever the user has not worked.
 
     Voxels the user changed or painted and whole reviewed slices keep their labels; elsewhere
     ``labels`` and ``machine`` take the new prediction. Returns the number of voxels whose
-    label changed.
+    label changed. A :class:`~napari_segtool.io.chunked_state.ChunkedState` is merged box by
+    box (:meth:`~napari_segtool.io.chunked_state.ChunkedState.merge_untouched`, which also
+    takes ``prediction(box)`` callables); the result is the same.
 
     Examples
     --------
@@ -144,6 +213,8 @@ def merge_untouched(state: ProjectState, prediction: NDArray) -> int:
     >>> merge_untouched(s, np.ones((2, 2, 2), np.uint8)), s.labels.tolist()
     (3, [[[2, 1], [1, 1]], [[0, 0], [0, 0]]])
     """
+    if isinstance(state, ChunkedState):
+        return state.merge_untouched(prediction)
     pred = np.asarray(prediction)
     if pred.shape != state.labels.shape:
         raise InputError(

@@ -1,5 +1,10 @@
 """Segmentation metrics in pure numpy/scipy: overlap, surface distances, objects, live tracking."""
 
+from napari_segtool.metrics.blockwise import (
+    DISTANCE_MAX_VOXELS,
+    confusion_blockwise,
+    evaluate_blockwise,
+)
 from napari_segtool.metrics.instances import instance_metrics
 from napari_segtool.metrics.overlap import (
     class_metrics,
@@ -23,6 +28,7 @@ from napari_segtool.metrics.tracker import ConfusionTracker, slice_confusion, tr
 
 __all__ = [
     "DISTANCE_KEYS",
+    "DISTANCE_MAX_VOXELS",
     "METRIC",
     "METRICS",
     "SUMMARY_KEYS",
@@ -30,8 +36,10 @@ __all__ = [
     "Metric",
     "class_metrics",
     "compact_confusion",
+    "confusion_blockwise",
     "confusion_matrix",
     "evaluate",
+    "evaluate_blockwise",
     "foreground_dice",
     "hausdorff_distance",
     "instance_metrics",

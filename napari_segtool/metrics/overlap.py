@@ -50,13 +50,19 @@ OVERLAP_KEYS = ("dice", "iou", "precision", "recall", "specificity", "voe", "rvd
 _LUT_RANGE = 1 << 20
 
 
-def check_pair(pred: NDArray, ref: NDArray) -> None:
-    """Raise :class:`InputError` unless both are same-shape integer label images."""
+def check_pair(pred: NDArray, ref: NDArray, *, values: bool = True) -> None:
+    """Raise :class:`InputError` unless both are same-shape integer label images.
+
+    ``values=False`` checks the shapes and dtypes only, without a pass over the voxels (for
+    lazy zarr or dask arrays, whose blocks are checked as they are read).
+    """
     if pred.shape != ref.shape:
         raise InputError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
     for name, arr in (("prediction", pred), ("reference", ref)):
         if arr.dtype.kind not in "biu":
             raise InputError(f"{name} must be an integer or boolean label image, not {arr.dtype}")
+        if not values:
+            continue
         if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
             raise InputError(f"{name} has negative labels")
         if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:

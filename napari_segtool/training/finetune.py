@@ -7,6 +7,13 @@ voxels, validates on labelled voxels held out from training (whole slices of a s
 blocks of a 2D image), stops early when validation stops improving, and says whether the
 result beats the starting model on the same held-out voxels (``promote``). Closing the
 generator cancels the round; the starting model is never modified.
+
+For a volume larger than memory (a :class:`~napari_segtool.io.chunked_state.ChunkedState`
+and a lazy image), :func:`iter_finetune_boxes` runs the same round box by box: whole labelled
+boxes are held out for validation (:func:`split_labelled_boxes`), training patches are read
+lazily (:class:`~napari_segtool.training.lazy_patches.LazyPatchSampler`) and validation
+segments each held-out box with half a tile of context (:func:`box_scores`), so memory is
+bounded by a box and a batch, never by the volume.
 """
 
 from __future__ import annotations
@@ -14,21 +21,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.config import FinetuneConfig, InferenceConfig, TrainingConfig
 from napari_segtool.errors import InputError
+from napari_segtool.inference.blocks import iter_segment_blocks, labels_dtype, subsample_range
 from napari_segtool.inference.normalize import apply_range, check_values, percentile_range
 from napari_segtool.inference.predict import segment
-from napari_segtool.inference.tiling import relay
+from napari_segtool.inference.tiling import relay, run_to_end
 from napari_segtool.io.labelled import labelled_mask
 from napari_segtool.metrics.overlap import overlap_metrics
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.data import PatchSampler, labels_to_channels
+from napari_segtool.training.lazy_patches import LabelledBoxes, LazyPatchSampler
 from napari_segtool.training.loop import EpochReport, StepProgress, iter_train
 from napari_segtool.training.split import split_validation
 
@@ -237,21 +247,33 @@ def iter_finetune(
     prepared = _prepare_all(data, model, cfg)
     labelled = sum(int(p.train.sum() + p.val.sum()) for p in prepared)
     n_val = sum(int(p.val.sum()) for p in prepared)
-    inference = InferenceConfig(
-        device=cfg.device,
-        batch_size=cfg.batch_size,
-        precision=cfg.precision,
-        memory_format=cfg.memory_format,
-        compile="off",
-    )
+    inference = _inference_config(cfg)
     sampler = _sampler(prepared, model, cfg)
-    baseline = masked_scores(model, prepared, inference=inference)[0] if n_val else None
-    work = _working_copy(model, resume=resume)
-    tcfg = _training_config(cfg, sampler.patch_shape)
 
     def validate(m: SegmentationModel) -> tuple[float, float]:
         return masked_scores(m, prepared, inference=inference)
 
+    return (yield from _run_round(model, sampler, validate, cfg=cfg, labelled=labelled,
+                                  n_val=n_val, resume=resume, progress_every=progress_every,
+                                  t0=t0))  # fmt: skip
+
+
+def _run_round(
+    model: SegmentationModel,
+    sampler: PatchSampler | LazyPatchSampler,
+    validate: Callable[[SegmentationModel], tuple[float, float]],
+    *,
+    cfg: FinetuneConfig,
+    labelled: int,
+    n_val: int,
+    resume: bool,
+    progress_every: int | None,
+    t0: float,
+) -> Generator[EpochReport | StepProgress, None, FinetuneResult]:
+    """Train a copy of ``model``, validate and decide: the part both rounds share."""
+    baseline = validate(model)[0] if n_val else None
+    work = _working_copy(model, resume=resume)
+    tcfg = _training_config(cfg, sampler.patch_shape)
     reports: list[EpochReport] = []
 
     def keep(item: EpochReport | StepProgress) -> EpochReport | StepProgress:
@@ -298,6 +320,17 @@ def iter_finetune(
     )
     logger.info("fine-tune: %s", result.summary())
     return result
+
+
+def _inference_config(cfg: FinetuneConfig) -> InferenceConfig:
+    """How validation segments: the round's device, batch and precision, never compiled."""
+    return InferenceConfig(
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        precision=cfg.precision,
+        memory_format=cfg.memory_format,
+        compile="off",
+    )
 
 
 def _prepare_all(
@@ -390,11 +423,308 @@ def _sampler(
     return PatchSampler(images, labels, masks, shape, foreground_fraction=0.5)
 
 
+# -- larger than memory: box by box ----------------------------------------------------------
+
+Box = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class BoxSplit:
+    """The labelled boxes of a project, split for a round (:func:`split_labelled_boxes`).
+
+    Attributes
+    ----------
+    train, validation : list of Box
+        Boxes that train and boxes held out whole for validation, in grid order.
+    values : tuple of int
+        The label values the labelled voxels hold (0 included).
+    labelled_voxels, validation_voxels : int
+        Labelled voxels in all boxes, and in the validation boxes.
+    """
+
+    train: list[Box]
+    validation: list[Box]
+    values: tuple[int, ...]
+    labelled_voxels: int
+    validation_voxels: int
+
+
+def split_labelled_boxes(
+    state: LabelledBoxes,
+    *,
+    fraction: float,
+    seed: int = 0,
+    boxes: Sequence[Box] | None = None,
+) -> BoxSplit:
+    """Hold out about ``fraction`` of the labelled boxes for validation, foreground first.
+
+    Reads each labelled box once (its labels and labelled mask), never the volume.
+
+    Parameters
+    ----------
+    state : ChunkedState or ProjectState
+        The project's state (``labels``, ``labelled_boxes``, ``labelled_region``).
+    fraction : float
+        Share of the boxes to hold out (0: none).
+    seed : int
+        The draw is ``numpy.random.default_rng(seed)``.
+    boxes : sequence of Box, optional
+        The candidate boxes (default ``state.labelled_boxes()``).
+
+    Returns
+    -------
+    BoxSplit
+
+    Raises
+    ------
+    InputError
+        A labelled voxel holding a negative value.
+
+    Notes
+    -----
+    Boxes without a labelled voxel are dropped. With two or more boxes, ``n = round(fraction
+    * boxes)`` (at least 1, at most all but one) are held out: first ``round(fraction *
+    fg)`` (at least 1, at most ``fg - 1``) of the ``fg`` boxes holding labelled foreground
+    (a value other than 0), when there are two or more of them, so validation scores a class
+    and not only background where the labels allow; the rest from the boxes holding only
+    background. One box alone trains (nothing to validate on).
+    """
+    kept: list[Box] = []
+    counts: list[int] = []
+    fore: list[bool] = []
+    values: set[int] = {0}
+    for candidate in state.labelled_boxes() if boxes is None else boxes:
+        box = tuple(candidate)
+        mask = state.labelled_region(box)
+        n = int(np.count_nonzero(mask))
+        if not n:
+            continue
+        held = np.unique(np.asarray(state.labels[box])[mask])
+        values.update(int(v) for v in held)
+        kept.append(box)
+        counts.append(n)
+        fore.append(bool((held != 0).any()))
+    if min(values) < 0:
+        raise InputError(
+            f"labels hold the negative value {min(values)}; label values must be >= 0"
+        )
+    val: set[int] = set()
+    if fraction > 0 and len(kept) >= 2:
+        rng = np.random.default_rng(seed)
+        n_val = min(len(kept) - 1, max(1, round(fraction * len(kept))))
+        fg = [i for i, f in enumerate(fore) if f]
+        bg = [i for i, f in enumerate(fore) if not f]
+        n_fg = min(len(fg) - 1, max(1, round(fraction * len(fg)))) if len(fg) >= 2 else 0
+        n_fg = min(n_fg, n_val)
+        n_bg = min(len(bg), n_val - n_fg)
+        for pool, n in ((fg, n_fg), (bg, n_bg)):
+            if n:
+                val.update(int(i) for i in rng.choice(pool, n, replace=False))
+    return BoxSplit(
+        train=[b for i, b in enumerate(kept) if i not in val],
+        validation=[b for i, b in enumerate(kept) if i in val],
+        values=tuple(sorted(values)),
+        labelled_voxels=int(sum(counts)),
+        validation_voxels=int(sum(c for i, c in enumerate(counts) if i in val)),
+    )
+
+
+def context_box(box: Sequence[slice], margin: Sequence[int], shape: Sequence[int]) -> Box:
+    """``box`` grown by ``margin`` voxels on each side, clipped to ``shape``.
+
+    >>> context_box((slice(2, 4), slice(0, 8)), (1, 3), (5, 10))
+    (slice(1, 5, None), slice(0, 10, None))
+    """
+    return tuple(
+        slice(max(0, s.start - m), min(int(n), s.stop + m))
+        for s, m, n in zip(box, margin, shape, strict=True)
+    )
+
+
+def tile_context(model: SegmentationModel, ndim: int) -> tuple[int, ...]:
+    """Half a tile of context per axis of an ``ndim`` volume (none along Z for a 2D model on a
+    stack, whose slices are segmented one by one)."""
+    tile = tuple(int(t) // 2 for t in model.tile_shape)
+    if len(tile) < ndim:
+        return (0,) * (ndim - len(tile)) + tile
+    return tile[-ndim:]
+
+
+def segment_box(
+    image: Any,
+    model: SegmentationModel,
+    box: Sequence[slice],
+    *,
+    value_range: tuple[Any, Any],
+    inference: InferenceConfig,
+    shape: Sequence[int] | None = None,
+) -> NDArray:
+    """The labels of ``box`` (model label values), segmented with half a tile of context.
+
+    Reads ``image`` (numpy, zarr, dask; one channel) only in ``box`` grown by
+    :func:`tile_context`; normalised with ``value_range`` (the whole volume's, e.g.
+    :func:`~napari_segtool.inference.blocks.subsample_range`), so a box is segmented as it
+    would be in the whole volume up to the tiles' placement.
+    """
+    shape = tuple(int(n) for n in (image.shape if shape is None else shape))
+    box = tuple(box)
+    region = context_box(box, tile_context(model, len(shape)), shape)
+    out = np.zeros(tuple(s.stop - s.start for s in region), labels_dtype(model))
+    run_to_end(iter_segment_blocks(image, model, value_range=value_range, labels_out=out,
+                                   config=inference, region=region))  # fmt: skip
+    inner = tuple(
+        slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region, strict=True)
+    )
+    return out[inner]
+
+
+def box_scores(
+    model: SegmentationModel,
+    image: Any,
+    state: LabelledBoxes,
+    boxes: Sequence[Box],
+    *,
+    value_range: tuple[Any, Any],
+    inference: InferenceConfig,
+) -> tuple[float, float]:
+    """Foreground Dice and pixel error of ``model`` on the labelled voxels of ``boxes``.
+
+    The box-wise :func:`masked_scores`: each box is segmented with half a tile of context
+    (:func:`segment_box`) and scored where ``state.labelled_region(box)`` holds; counts are
+    pooled over the boxes before the Dice is taken (the macro Dice the Review widget shows).
+
+    Raises
+    ------
+    InputError
+        When the boxes hold no labelled voxel.
+    """
+    k = model.config.out_channels
+    values = model.label_values or ()
+    cm = np.zeros((k, k), np.int64)
+    for box in boxes:
+        mask = state.labelled_region(box)
+        if not mask.any():
+            continue
+        pred = segment_box(image, model, box, value_range=value_range, inference=inference,
+                           shape=state.shape)  # fmt: skip
+        ref = labels_to_channels(np.asarray(state.labels[box])[mask], values).astype(np.intp)
+        got = labels_to_channels(pred[mask], values).astype(np.intp)
+        cm += np.bincount(ref * k + got, minlength=k * k).reshape(k, k)
+    if int(cm.sum()) == 0:
+        raise InputError("no validation voxels")
+    scores = overlap_metrics(confusion=cm)
+    return float(scores["dice"]), 1.0 - float(scores["pixel_accuracy"])  # type: ignore[arg-type]
+
+
+def _lazy_patch_shape(
+    cfg: FinetuneConfig, model: SegmentationModel, shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The patch: the config's (or the tile), no bigger than the volume (rounded to the net's
+    stride), as the in-memory round does."""
+    patch = cfg.patch_shape or model.tile_shape
+    if len(patch) != model.spatial_dims:
+        raise InputError(f"patch_shape {patch} does not fit a {model.spatial_dims}D model")
+    if model.spatial_dims > len(shape):
+        raise InputError(
+            f"a {model.spatial_dims}D model cannot train on {len(shape)}D labels; pick a 2D model"
+        )
+    stride = 2 ** (model.config.depth - 1)
+    extent = shape[-model.spatial_dims :]
+    return tuple(
+        int(min(p, max(stride, math.ceil(b / stride) * stride)))
+        for p, b in zip(patch, extent, strict=True)
+    )
+
+
+def iter_finetune_boxes(
+    model: SegmentationModel,
+    image: Any,
+    state: LabelledBoxes,
+    split: BoxSplit,
+    *,
+    config: FinetuneConfig | None = None,
+    resume: bool = False,
+    progress_every: int | None = 1,
+) -> Generator[EpochReport | StepProgress, None, FinetuneResult]:
+    """:func:`iter_finetune` for a volume larger than memory: patches and validation by box.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        The starting point (one input channel); it is not modified. Its ``label_values``
+        must cover the labelled values (fit them first, e.g.
+        :func:`~napari_segtool.training.classes.fit_classes` on ``split.values``).
+    image : array-like, shape of ``state.shape``
+        numpy, zarr or dask; read patch by patch and box by box, never whole.
+    state : ChunkedState or ProjectState
+        The labels and labelled voxels, read by box; not modified.
+    split : BoxSplit
+        The boxes that train and those held out (:func:`split_labelled_boxes`).
+    config, resume, progress_every
+        As for :func:`iter_finetune`.
+
+    Yields
+    ------
+    EpochReport or StepProgress
+
+    Returns
+    -------
+    FinetuneResult
+        Promoted on the same rule as :func:`iter_finetune`: the trained copy's Dice on the
+        validation boxes is at least the starting model's on the same voxels.
+
+    Raises
+    ------
+    InputError
+        No labelled voxels, an image of another shape or with channels, values the model
+        does not know, or a run that diverged.
+
+    Notes
+    -----
+    The intensity range is :func:`~napari_segtool.inference.blocks.subsample_range` of the
+    image (a sample of slices), where the in-memory round takes the percentiles of the whole
+    image; memory is bounded by a box, a patch batch and the range's sample.
+    """
+    cfg = config or FinetuneConfig()
+    t0 = time.perf_counter()
+    if model.config.in_channels != 1 or tuple(image.shape) != tuple(state.shape):
+        raise InputError(
+            f"the image {tuple(image.shape)} must be one channel of the labels' shape "
+            f"{tuple(state.shape)} (a {model.config.in_channels}-channel model was given); a "
+            "project larger than memory trains one-channel images"
+        )
+    if not split.train:
+        raise InputError(
+            "no labelled voxels: correct part of the prediction or mark slices as reviewed"
+        )
+    value_range = subsample_range(image, model.normalization)
+    inference = _inference_config(cfg)
+    sampler = LazyPatchSampler(image, state, _lazy_patch_shape(cfg, model, tuple(state.shape)),
+                               label_values=model.label_values or (), value_range=value_range,
+                               boxes=split.train, holdout=split.validation)  # fmt: skip
+
+    def validate(m: SegmentationModel) -> tuple[float, float]:
+        return box_scores(m, image, state, split.validation, value_range=value_range,
+                          inference=inference)  # fmt: skip
+
+    return (yield from _run_round(model, sampler, validate, cfg=cfg,
+                                  labelled=split.labelled_voxels,
+                                  n_val=split.validation_voxels, resume=resume,
+                                  progress_every=progress_every, t0=t0))  # fmt: skip
+
+
 __all__ = [
+    "BoxSplit",
     "FinetuneResult",
     "LabelledImage",
+    "box_scores",
+    "context_box",
     "iter_finetune",
+    "iter_finetune_boxes",
     "labelled_mask",
     "masked_scores",
+    "segment_box",
+    "split_labelled_boxes",
     "split_validation",
+    "tile_context",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
-from napari_segtool.io.project import Project, ProjectState
+from napari_segtool.io.project import ChunkedState, Project, ProjectState
 from napari_segtool.model.bundled import list_models, load_model
 from napari_segtool.model.checkpoint import SegmentationModel
 from napari_segtool.training.finetune import FinetuneResult, LabelledImage
@@ -25,12 +25,24 @@ from napari_segtool.training.finetune import FinetuneResult, LabelledImage
 logger = logging.getLogger(__name__)
 
 
-def training_data(image: NDArray, state: ProjectState) -> LabelledImage:
-    """The image with the project's labels, counting only what the user changed or reviewed."""
+def training_data(image: NDArray, state: ProjectState | ChunkedState) -> LabelledImage:
+    """The image with the project's labels, counting only what the user changed or reviewed.
+
+    Raises
+    ------
+    InputError
+        For a chunked project, whose volume is never held in memory: it trains box by box
+        (:func:`~napari_segtool.training.finetune.iter_finetune_boxes`).
+    """
+    if isinstance(state, ChunkedState):
+        raise InputError(
+            "a chunked project is not read whole into memory; train it box by box with "
+            "split_labelled_boxes() and iter_finetune_boxes()"
+        )
     return LabelledImage(np.asarray(image), state.labels, state.labelled())
 
 
-def current_model(project: Project, state: ProjectState) -> SegmentationModel:
+def current_model(project: Project, state: ProjectState | ChunkedState) -> SegmentationModel:
     """The model in use: the current version, or the model the project started from.
 
     A bare ``base_model`` name is a bundled model, or else a file of that name in the project

@@ -19,6 +19,16 @@ One round, in named steps that a front end may also run one by one:
 Fine-tune widget trains and records on a snapshot (``save=False``) in a worker, then
 re-segments in another worker and merges into its live state on the main thread.
 
+A chunked project (:class:`~napari_segtool.io.chunked_state.ChunkedState`, for an image larger
+than memory, with a numpy, zarr or dask image) takes the same steps box by box: training on
+lazy patches with whole boxes held out for validation
+(:func:`~napari_segtool.training.finetune.iter_finetune_boxes`), then
+:func:`iter_resegment_boxes`, which segments only the boxes holding unlabelled voxels (with
+half a tile of context) and merges each into the store before the next
+(:meth:`~napari_segtool.io.chunked_state.ChunkedState.iter_merge_untouched`); no uncertainty
+map is made. A merge must not race napari painting the same chunk: the Fine-tune widget
+stops painting on the layer while it runs.
+
 Every save is atomic (:meth:`~napari_segtool.io.project.Project.save`). A round cancelled
 while it trains leaves the model files and ``state.npz`` byte-identical; one cancelled while
 it re-segments has recorded its version (saved) and left the labels as they were.
@@ -27,6 +37,7 @@ it re-segments has recorded its version (saved) and left the labels as they were
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -36,8 +47,11 @@ from numpy.typing import NDArray
 
 from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import FinetuneConfig, InferenceConfig
+from napari_segtool.errors import InputError
 from napari_segtool.inference import Progress, iter_segment
-from napari_segtool.io.project import Project, ProjectState, merge_untouched
+from napari_segtool.inference.blocks import subsample_range
+from napari_segtool.inference.tiling import relay
+from napari_segtool.io.project import ChunkedState, Project, ProjectState, merge_untouched
 from napari_segtool.model import list_models
 from napari_segtool.training import (
     EpochReport,
@@ -47,6 +61,11 @@ from napari_segtool.training import (
     iter_finetune,
 )
 from napari_segtool.training.classes import ClassFit, fit_classes
+from napari_segtool.training.finetune import (
+    iter_finetune_boxes,
+    segment_box,
+    split_labelled_boxes,
+)
 from napari_segtool.training.versions import current_model, record_round, training_data
 
 logger = logging.getLogger(__name__)
@@ -55,6 +74,10 @@ logger = logging.getLogger(__name__)
 UNTRAINED = tuple(e.name for e in list_models() if e.path is None)
 
 RoundItem = StepProgress | EpochReport | Progress
+AnyState = ProjectState | ChunkedState
+
+#: Voxels per box a chunked re-segmentation segments at once (plus its context).
+RESEGMENT_BOX_VOXELS = 2**22
 
 
 @dataclass(frozen=True)
@@ -142,8 +165,8 @@ def round_data(
 
 def iter_train_round(
     project: Project,
-    image: NDArray,
-    state: ProjectState,
+    image: Any,
+    state: AnyState,
     *,
     config: FinetuneConfig | None = None,
     truth: NDArray | None = None,
@@ -156,9 +179,13 @@ def iter_train_round(
     ----------
     project : Project
     image : ndarray
-        The project's image, ``(Y, X)``, ``(Z, Y, X)`` or RGB ``(Y, X, C)``.
-    state : ProjectState
-        The saved state or a snapshot of the user's state; it is not modified.
+        The project's image, ``(Y, X)``, ``(Z, Y, X)`` or RGB ``(Y, X, C)``; for a
+        :class:`~napari_segtool.io.chunked_state.ChunkedState`, one channel, numpy, zarr or
+        dask (read by box).
+    state : ProjectState or ChunkedState
+        The saved state or a snapshot of the user's state; it is not modified. A chunked
+        state trains box by box (:func:`~napari_segtool.training.finetune.
+        iter_finetune_boxes`).
     config : FinetuneConfig, optional
         Epochs, steps, learning rate, device, seed.
     truth : ndarray, optional
@@ -180,9 +207,13 @@ def iter_train_round(
     Raises
     ------
     InputError
-        No labelled voxels, classes the model lacks (``extend=False``), a missing model.
+        No labelled voxels, classes the model lacks (``extend=False``), a missing model, a
+        ``truth`` with a chunked state.
     """
     model = current_model(project, state)
+    if isinstance(state, ChunkedState):
+        return (yield from _train_boxes(model, image, state, config=config, truth=truth,
+                                        references=references, extend=extend))  # fmt: skip
     data = round_data(image, state, truth=truth)
     untrained = state.current_version is None and state.base_model in UNTRAINED
     fit = fit_classes(model, data, untrained=untrained, extend=extend, also=references)
@@ -192,8 +223,37 @@ def iter_train_round(
     return Trained(result, fit)
 
 
+def _train_boxes(
+    model: Any,
+    image: Any,
+    state: ChunkedState,
+    *,
+    config: FinetuneConfig | None,
+    truth: NDArray | None,
+    references: Sequence[NDArray],
+    extend: bool,
+) -> Generator[StepProgress | EpochReport, None, Trained]:
+    """:func:`iter_train_round` for a chunked state: boxes, lazy patches, box validation."""
+    if truth is not None:
+        raise InputError(
+            "a project larger than memory trains on its corrections only, not on a ground-truth "
+            "layer; leave 'ground truth' empty (or mark its slices reviewed in the project)"
+        )
+    cfg = config or FinetuneConfig()
+    split = split_labelled_boxes(state, fraction=cfg.validation_fraction, seed=cfg.seed)
+    # the labelled values stand in for the labels: fit_classes only asks which values occur
+    values = np.asarray(split.values, np.int64)
+    summary = LabelledImage(np.zeros(values.shape, np.float32), values, None)
+    untrained = state.current_version is None and state.base_model in UNTRAINED
+    fit = fit_classes(model, [summary], untrained=untrained, extend=extend, also=references)
+    if fit.describe():
+        logger.info("fine-tune round: %s", fit.describe())
+    result = yield from iter_finetune_boxes(fit.model, image, state, split, config=cfg)
+    return Trained(result, fit)
+
+
 def record_version(
-    project: Project, state: ProjectState, trained: Trained, *, save: bool = True
+    project: Project, state: AnyState, trained: Trained, *, save: bool = True
 ) -> dict[str, Any]:
     """Save the trained model as the next version; promote it only if it is not worse.
 
@@ -223,6 +283,71 @@ def iter_resegment(
     return Resegmentation(result.labels, voxel_uncertainty(result))
 
 
+def resegment_block(state: ChunkedState, model: Any) -> tuple[int, ...]:
+    """The boxes a chunked re-segmentation segments: whole chunks, at least a tile across in
+    Y and X, stacked along Z up to about :data:`RESEGMENT_BOX_VOXELS` voxels."""
+    shape, chunks, ndim = state.shape, state.chunks, state.ndim
+    tile = tuple(model.tile_shape)[-2:]
+    plane = tuple(
+        min(n, c * max(1, math.ceil(t / c)))
+        for n, c, t in zip(shape[-2:], chunks[-2:], tile, strict=True)
+    )
+    if ndim == 2:
+        return plane
+    deep = max(1, RESEGMENT_BOX_VOXELS // max(1, math.prod(plane)))
+    return (min(shape[0], chunks[0] * max(1, deep // chunks[0])), *plane)
+
+
+def iter_resegment_boxes(
+    project: Project,
+    image: Any,
+    state: ChunkedState,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    block: Sequence[int] | None = None,
+) -> Generator[Progress, None, int]:
+    """Re-segment a chunked project where it holds unlabelled voxels, merging box by box.
+
+    Each box of :meth:`~napari_segtool.io.chunked_state.ChunkedState.unlabelled_boxes`
+    (``block``, default :func:`resegment_block`) is segmented by the model in use with half a
+    tile of context (:func:`~napari_segtool.training.finetune.segment_box`, normalised with
+    the image's :func:`~napari_segtool.inference.blocks.subsample_range`) and written where
+    the user has not worked before the next box is read; labelled voxels are never written,
+    and boxes without an unlabelled voxel are neither segmented nor written.
+
+    Yields
+    ------
+    Progress
+        Boxes done out of the boxes to do; closing the generator stops after the current box
+        (the boxes done stay merged, the rest as they were).
+
+    Returns
+    -------
+    int
+        The number of voxels whose label changed.
+
+    Notes
+    -----
+    Not guarded against napari painting the same chunk meanwhile (both rewrite the chunk):
+    stop painting while it runs. Nothing is saved; the caller saves the state.
+    """
+    model = current_model(project, state)
+    if tuple(image.shape) != state.shape:
+        raise InputError(
+            f"the image {tuple(image.shape)} does not match the project's labels {state.shape}"
+        )
+    inference = InferenceConfig(device=device, precision=precision, tta=False)
+    value_range = subsample_range(image, model.normalization)
+
+    def predict(box: tuple[slice, ...]) -> NDArray:
+        return segment_box(image, model, box, value_range=value_range, inference=inference,
+                           shape=state.shape)  # fmt: skip
+
+    merge = state.iter_merge_untouched(predict, block=block or resegment_block(state, model))
+    return (yield from relay(merge, lambda step: Progress(*step)))
+
+
 def merge_resegmentation(state: ProjectState, segmentation: Resegmentation) -> int:
     """Write the new prediction into ``state`` where the user has not worked; returns the
     number of labels changed (:func:`~napari_segtool.io.project.merge_untouched`)."""
@@ -231,8 +356,8 @@ def merge_resegmentation(state: ProjectState, segmentation: Resegmentation) -> i
 
 def iter_correction_round(
     project: Project,
-    image: NDArray,
-    state: ProjectState,
+    image: Any,
+    state: AnyState,
     *,
     config: FinetuneConfig | None = None,
     truth: NDArray | None = None,
@@ -250,7 +375,8 @@ def iter_correction_round(
         True (default): ``state`` is the project's state (as loaded); a promoted version
         re-segments the untouched voxels into it and it is saved. False: ``state`` is a
         snapshot of a live state the caller holds; only the version is recorded, and the
-        caller re-segments (:func:`iter_resegment`) and merges into its live state.
+        caller re-segments (:func:`iter_resegment`) and merges into its live state. A
+        chunked state re-segments its unlabelled boxes (:func:`iter_resegment_boxes`).
 
     Yields
     ------
@@ -274,10 +400,15 @@ def iter_correction_round(
     changed = None
     if entry["promoted"] and save:
         cfg = config or FinetuneConfig()
-        segmentation = yield from iter_resegment(
-            project, image, state, device=cfg.device, precision=cfg.precision
-        )
-        changed = merge_resegmentation(state, segmentation)
+        if isinstance(state, ChunkedState):
+            changed = yield from iter_resegment_boxes(
+                project, image, state, device=cfg.device, precision=cfg.precision
+            )
+        else:
+            segmentation = yield from iter_resegment(
+                project, image, state, device=cfg.device, precision=cfg.precision
+            )
+            changed = merge_resegmentation(state, segmentation)
         project.save(state)
     logger.info("correction round: version %d, promoted %s", entry["version"], entry["promoted"])
     return RoundResult(

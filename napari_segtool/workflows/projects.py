@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
-from napari_segtool.io.project import Project, ProjectState
+from napari_segtool.io.project import ChunkedState, Project, ProjectState
 from napari_segtool.model import list_models
 
 #: The figures of a version that :func:`describe_project` lists.
@@ -124,7 +124,7 @@ def describe_project(project: Project) -> dict[str, Any]:
     """A project as plain JSON values: versions with their Dice, labelled voxels, reviewed.
 
     Reads the state without taking the project's lock (a project open in napari can be
-    described).
+    described); a chunked project's voxels are counted box by box.
     """
     state = project.load()
     versions = [{k: entry[k] for k in VERSION_KEYS if k in entry} for entry in state.versions]
@@ -132,10 +132,11 @@ def describe_project(project: Project) -> dict[str, Any]:
         "folder": str(project.folder),
         "image": state.image,
         "shape": list(state.labels.shape),
+        "storage": "chunked" if isinstance(state, ChunkedState) else "npz",
         "base_model": state.base_model,
         "current_version": state.current_version,
         "versions": versions,
-        "labelled_voxels": int(np.count_nonzero(state.protected())),
-        "painted_voxels": int(np.count_nonzero(state.painted)),
+        "labelled_voxels": state.labelled_voxels(),  # box by box for a chunked project
+        "painted_voxels": state.painted_voxels(),
         "reviewed": sorted(state.reviewed),
     }

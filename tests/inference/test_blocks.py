@@ -11,10 +11,13 @@ from napari_segtool.config import InferenceConfig, ModelConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference import predict
 from napari_segtool.inference.blocks import (
+    block_rows,
     iter_segment_blocks,
     iter_sliding_window_streamed,
+    labels_dtype,
     segment_blocks,
     subsample_range,
+    subsample_slices,
 )
 from napari_segtool.inference.normalize import percentile_range
 from napari_segtool.inference.predict import segment
@@ -249,7 +252,13 @@ def test_segment_blocks_validates_outputs():
         segment_blocks(image, model, value_range=vr, labels_out=np.zeros(image.shape, np.uint8),
                        uncertainty_out=np.zeros(image.shape, np.float32))  # fmt: skip
     with pytest.raises(InputError, match=r"\(Z, Y, X\)"):
-        segment_blocks(image[0], model, value_range=vr, labels_out=np.zeros((20, 20), np.uint8))
+        segment_blocks(image[0, 0], model, value_range=vr, labels_out=np.zeros(20, np.uint8))
+    with pytest.raises(InputError, match="counts_out has shape"):
+        segment_blocks(image, model, value_range=vr, labels_out=np.zeros(image.shape, np.uint8),
+                       counts_out=np.zeros(3, np.int64))  # fmt: skip
+    with pytest.raises(InputError, match="not a non-empty range"):
+        segment_blocks(image, model, value_range=vr, labels_out=np.zeros(image.shape, np.uint8),
+                       region=(slice(0, 13), slice(None), slice(None)))  # fmt: skip
 
 
 class _Reads:
@@ -281,3 +290,163 @@ def test_subsample_range_reads_evenly_spaced_slices_within_budget():
     again = _Reads(image)
     subsample_range(again, model.normalization, max_voxels=10 * 256, seed=3)
     assert again.read == lazy.read  # seeded
+
+
+@pytest.mark.parametrize(
+    ("dims", "tile", "shape", "region"),
+    [
+        (3, (8, 16, 16), (21, 30, 28), (slice(3, 17), slice(5, 29), slice(None, 20))),
+        (2, (16, 16), (9, 40, 36), (slice(2, None), slice(None), slice(7, 30))),
+        (2, (16, 16), (40, 36), (slice(1, 39), slice(3, None))),
+        (3, (4, 16, 16), (40, 36), (slice(None, 25), slice(None))),
+    ],
+)
+def test_a_region_equals_segment_of_the_crop_with_the_whole_range(
+    tmp_path, monkeypatch, dims, tile, shape, region
+):
+    monkeypatch.setattr(predict, "CHUNK_VOXELS", 2 * 40 * 36)  # a 2D model: several chunks
+    model = tiny(dims, tile)
+    image = (np.random.default_rng(12).random(shape) * 1000).astype(np.uint16)
+    config = InferenceConfig(tile_shape=tile, overlap=0.5, batch_size=2, precision="fp32",
+                             compile="off")  # fmt: skip
+    value_range = percentile_range(image, model.normalization)  # the whole image's
+    model = balanced(model, image, config)
+    crop = image[region]
+    ref = segment(crop, model, config=config, value_range=value_range,
+                  return_probabilities=True)  # fmt: skip
+    src = zarr.open(str(tmp_path / "in.zarr"), mode="w", shape=shape, dtype=image.dtype,
+                    chunks=(3, *shape[1:]) if len(shape) == 3 else (7, 9))  # fmt: skip
+    src[:] = image
+    labels = np.full(crop.shape, 255, labels_dtype(model))
+    probs = np.full((2, *crop.shape), np.nan, np.float32)
+    counts = np.zeros(2, np.int64)
+    segment_blocks(src, model, config=config, value_range=value_range, labels_out=labels,
+                   probabilities_out=probs, region=region, counts_out=counts)  # fmt: skip
+    np.testing.assert_array_equal(labels, ref.labels)
+    np.testing.assert_allclose(probs, ref.probabilities, rtol=0, atol=1e-5)
+    assert counts.tolist() == [int((ref.labels == 0).sum()), int((ref.labels == 1).sum())]
+    assert counts.sum() == crop.size
+    assert 0.05 < ref.labels.mean() < 0.95
+
+
+def test_a_2d_image_with_tta_equals_segment():
+    model = tiny(2, (16, 16))
+    image = np.random.default_rng(13).random((37, 29)).astype(np.float32)
+    config = InferenceConfig(tile_shape=(16, 16), overlap=0.5, tta=True, precision="fp32",
+                             compile="off")  # fmt: skip
+    vr = percentile_range(image, model.normalization)
+    ref = segment(image, model, config=config, value_range=vr)
+    labels = np.zeros(image.shape, np.uint8)
+    unc = np.full(image.shape, -1, np.float32)
+    segment_blocks(image, model, config=config, value_range=vr, labels_out=labels,
+                   uncertainty_out=unc)  # fmt: skip
+    np.testing.assert_array_equal(labels, ref.labels)
+    np.testing.assert_allclose(unc, ref.uncertainty, rtol=0, atol=1e-5)
+
+
+class _Writes:
+    """An output that records the row ranges written to it."""
+
+    def __init__(self, shape):
+        self.shape, self.rows = shape, []
+
+    def __setitem__(self, key, value):
+        rows = key if isinstance(key, slice) else key[0]
+        self.rows.append((rows.start, rows.stop))
+
+
+@pytest.mark.parametrize(
+    ("dims", "tile", "shape", "overlap"),
+    [(2, (16, 16), (23, 20, 20), 0.25), (3, (8, 16, 16), (45, 20, 20), 0.25),
+     (3, (7, 16, 16), (30, 20, 20), 0.5), (3, (8, 16, 16), (5, 20, 20), 0.25)],
+)  # fmt: skip
+def test_writes_follow_block_rows(monkeypatch, dims, tile, shape, overlap):
+    monkeypatch.setattr(predict, "CHUNK_VOXELS", 5 * 20 * 20)
+    model = tiny(dims, tile)
+    config = InferenceConfig(tile_shape=tile, overlap=overlap, precision="fp32", compile="off")
+    rows = block_rows(shape, model, config=config)
+    out = _Writes(shape)
+    image = np.random.default_rng(14).random(shape).astype(np.float32)
+    segment_blocks(image, model, config=config, labels_out=out,
+                   value_range=(np.array([0.0]), np.array([1.0])))  # fmt: skip
+    starts = [a for a, _ in out.rows]
+    assert out.rows[0][0] == 0
+    assert out.rows[-1][1] == shape[0]
+    assert all(b0 == a1 for (_, b0), (a1, _) in itertools.pairwise(out.rows))
+    # every write but the last (3D: the last two) starts on a multiple of block_rows
+    regular = starts[:-1] if dims == 3 else starts
+    assert all(a % rows == 0 for a in regular), (rows, out.rows)
+    # so chunks of `rows` slices are written whole; at most one is written twice
+    chunks = [set(range(a // rows, -(-b // rows))) for a, b in out.rows]
+    touched = [c for cs in chunks for c in cs]
+    assert len(touched) - len(set(touched)) <= (1 if dims == 3 else 0)
+
+
+def test_subsample_slices_matches_subsample_range():
+    image = _Reads(np.random.default_rng(15).random((30, 8, 8)))
+    index, stride = subsample_slices(image.shape, max_voxels=7 * 64, seed=2)
+    subsample_range(image, tiny(3, (8, 16, 16)).normalization, max_voxels=7 * 64, seed=2)
+    assert image.read == index
+    assert stride == 1
+    assert len(index) == 7
+    index, stride = subsample_slices((2, 1000, 10), max_voxels=1000)
+    assert (len(index), stride) == (1, 10)  # one slice alone is over budget: every 10th row
+
+
+class _FailingOut:
+    """An output whose second write fails (a full disk, say)."""
+
+    def __init__(self, shape):
+        self.shape, self.writes = shape, 0
+
+    def __setitem__(self, key, value):
+        self.writes += 1
+        if self.writes == 2:
+            raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_on_the_writer_thread_is_raised(monkeypatch):
+    monkeypatch.setattr(predict, "CHUNK_VOXELS", 2 * 20 * 20)
+    model = tiny(2, (16, 16))
+    image = np.random.default_rng(16).random((9, 20, 20)).astype(np.float32)
+    out = _FailingOut(image.shape)
+    with pytest.raises(OSError, match="No space left"):
+        segment_blocks(image, model, labels_out=out, config=InferenceConfig(precision="fp32"),
+                       value_range=(np.array([0.0]), np.array([1.0])))  # fmt: skip
+    assert out.writes == 2  # nothing is written after the failure
+
+
+def _segment_peak(tmp_path, z, model, config):
+    from napari_segtool.io.zarr_io import OmeZarrWriter
+
+    image = zarr.open(str(tmp_path / f"in{z}.zarr"), mode="w", shape=(z, 128, 128),
+                      chunks=(1, 64, 64), dtype="u1")  # fmt: skip
+    image[:] = np.random.default_rng(17).integers(0, 255, (z, 128, 128), dtype=np.uint8)
+    rows = block_rows(image.shape, model, config=config)
+    tracemalloc.start()
+    try:
+        with OmeZarrWriter(tmp_path / f"out{z}.zarr", shape=image.shape, dtype="u1",
+                           chunks=(rows, 64, 64)) as writer:  # fmt: skip
+            segment_blocks(image, model, config=config, labels_out=writer.rows,
+                           value_range=(np.array([0.0]), np.array([255.0])))  # fmt: skip
+            writer.commit()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_segmenting_into_a_zarr_store_keeps_memory_flat_as_z_grows(tmp_path, monkeypatch):
+    """Reads, scores, labels and the pyramid's rows: nothing accumulates per block, so four
+    times the slices add less than one block's working set. (Both volumes have several
+    chunks, so that reads and writes overlap the network in both.)"""
+    monkeypatch.setattr(predict, "CHUNK_VOXELS", 4 * 128 * 128)
+    model = tiny(2, (128, 128))  # one tile a slice: the test measures the I/O, quickly
+    config = InferenceConfig(tile_shape=(128, 128), batch_size=4, precision="fp32",
+                             compile="off")  # fmt: skip
+    _segment_peak(tmp_path, 4, model, config)  # imports and caches first
+    short = _segment_peak(tmp_path, 16, model, config)
+    long = _segment_peak(tmp_path, 64, model, config)
+    block = 4 * 128 * 128 * (1 + 1 + 3 * 4)  # input, labels, scores and weights of one chunk
+    assert long - short < block, (short, long, block)
+    held = (64 - 16) * 128 * 128 * (1 + 2 * 4)  # what labels and scores in memory would add
+    assert 5 * block < held

@@ -472,3 +472,19 @@ def test_a_damaged_state_file_can_be_saved_over(tmp_path, caplog):
     project.save(_state())
     assert project.load().reviewed == {3}
     assert "replacing a damaged project file" in caplog.text
+
+
+def test_in_memory_states_answer_box_by_box_like_chunked_ones():
+    state = _state()
+    labelled = state.labelled()
+    boxes = list(state.boxes((2, 8, 8)))
+    assert len(boxes) == 2 * 2 * 2
+    assert state.labelled_boxes((2, 8, 8)) == [b for b in boxes if labelled[b].any()]
+    assert list(state.unlabelled_boxes((2, 8, 8))) == [b for b in boxes if not labelled[b].all()]
+    for box in boxes:
+        assert np.array_equal(state.labelled_region(box), labelled[box])
+    assert state.labelled_voxels() == int(labelled.sum())
+    assert state.painted_voxels() == 16
+    assert state.shape == (4, 16, 16)
+    with pytest.raises(InputError, match="block"):
+        state.labelled_boxes((2, 0, 8))

@@ -209,3 +209,177 @@ def test_convert_memory_stays_bounded(tmp_path):
                                                 (16, 256, 256)]  # fmt: skip
     np.testing.assert_array_equal(back.data[8], plane)
     np.testing.assert_array_equal(back.levels[1][4], plane[::2, ::2])
+
+
+# -- issue 14: block-by-block writing, translations, lazy boxes ----------------------------------
+def test_writer_fills_level_0_by_blocks_and_builds_the_same_pyramid(tmp_path):
+    from napari_segtool.io.zarr_io import OmeZarrWriter
+
+    data = _image((6, 130, 150))
+    whole = write_ome_zarr(tmp_path / "w.zarr", data, spacing=(1.0, 1.0, 1.0),
+                           chunks=(2, 64, 64))  # fmt: skip
+    with OmeZarrWriter(tmp_path / "b.zarr", shape=data.shape, dtype=data.dtype,
+                       spacing=(1.0, 1.0, 1.0), chunks=(2, 64, 64)) as writer:  # fmt: skip
+        for z in range(0, 6, 2):
+            writer.array[z : z + 2] = data[z : z + 2]
+        assert not (tmp_path / "b.zarr").exists()  # only a temporary store so far
+        writer.commit()
+    a, b = read_zarr(whole), read_zarr(tmp_path / "b.zarr")
+    assert [lv.shape for lv in b.levels] == [lv.shape for lv in a.levels]
+    assert [lv.chunks for lv in b.levels] == [lv.chunks for lv in a.levels]
+    for la, lb in zip(a.levels, b.levels, strict=True):
+        np.testing.assert_array_equal(la[...], lb[...])
+    np.testing.assert_array_equal(b.levels[1][...], data[::2, ::2, ::2])
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_writer_left_without_commit_or_failing_leaves_nothing(tmp_path):
+    from napari_segtool.io.zarr_io import OmeZarrWriter
+
+    out = write_ome_zarr(tmp_path / "keep.zarr", _image((2, 16, 16)))
+    with OmeZarrWriter(out, shape=(4, 16, 16), dtype="u1", overwrite=True) as writer:
+        writer.array[:2] = 1  # never committed
+    assert read_zarr(out).data.shape == (2, 16, 16)
+
+    def fail_half_way():
+        with OmeZarrWriter(out, shape=(4, 16, 16), dtype="u1", overwrite=True) as writer:
+            writer.array[:] = 3
+            raise RuntimeError("a failure half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        fail_half_way()
+    assert read_zarr(out).data.shape == (2, 16, 16)
+    assert not list(tmp_path.glob("*.tmp-*"))
+    with pytest.raises(InputError, match="exists; pass overwrite=True"):
+        OmeZarrWriter(out, shape=(4, 16, 16), dtype="u1")
+    with pytest.raises(InputError, match="t, c, z, y, x order"):
+        OmeZarrWriter(tmp_path / "o.zarr", shape=(16, 2, 16), dtype="u1", axes="YCX")
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_translation_is_written_on_every_level_and_read_as_the_origin(tmp_path):
+    out = write_ome_zarr(tmp_path / "t.zarr", _image((4, 128, 128)), spacing=(2.0, 0.5, 0.5),
+                         translation=(10.0, -3.0, 1.5), levels=2, image_label=True)  # fmt: skip
+    back = read_zarr(out)
+    assert back.origin == (10.0, -3.0, 1.5)
+    attrs = zarr.open_group(out, mode="r").attrs["ome"]
+    for ds in attrs["multiscales"][0]["datasets"]:
+        assert ds["coordinateTransformations"][1] == {
+            "type": "translation", "translation": [10.0, -3.0, 1.5]}  # fmt: skip
+    assert attrs["image-label"] == {"version": "0.5"}
+    assert read_zarr(write_ome_zarr(tmp_path / "n.zarr", _image((8, 8)))).origin is None
+
+
+def test_translation_of_an_ome_zarr_04_with_an_overall_scale(tmp_path):
+    group = zarr.open_group(tmp_path / "v4.zarr", mode="w", zarr_format=2)
+    group.create_array("0", shape=(3, 8, 8), dtype="u1")
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "axes": ["z", "y", "x"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 1.0]},
+            {"type": "translation", "translation": [1.0, 2.0, 3.0]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [2.0, 2.0, 2.0]}],
+    }]  # fmt: skip
+    back = read_zarr(tmp_path / "v4.zarr")
+    assert back.spacing == (2.0, 2.0, 2.0)
+    assert back.origin == (2.0, 4.0, 6.0)  # the overall scale applies after the translation
+
+
+def test_region_view_reads_only_its_box_from_a_zarr_store(tmp_path):
+    from napari_segtool.io.zarr_io import RegionView
+
+    data = _image((2, 6, 20, 30))
+    store = zarr.create_array(tmp_path / "c.zarr", shape=data.shape, chunks=(1, 2, 10, 10),
+                              dtype=data.dtype)  # fmt: skip
+    store[:] = data
+    view = RegionView(store, (1, slice(2, 5), slice(None, 15), slice(7, None)))
+    crop = data[1, 2:5, :15, 7:]
+    assert view.shape == crop.shape
+    assert view.ndim == 3
+    assert view.start == (2, 0, 7)
+    np.testing.assert_array_equal(view[...], crop)
+    np.testing.assert_array_equal(view[1:], crop[1:])
+    np.testing.assert_array_equal(view[-1, 3:9:2], crop[-1, 3:9:2])
+    np.testing.assert_array_equal(view[:, :, 5], crop[:, :, 5])
+    np.testing.assert_array_equal(RegionView(view, (slice(1, 3), 4, slice(None)))[...],
+                                  crop[1:3, 4])  # fmt: skip
+    with pytest.raises(IndexError):
+        view[3]
+    with pytest.raises(IndexError):
+        view[::-1]
+    with pytest.raises(InputError, match="not a non-empty range inside 0:6"):
+        RegionView(store, (0, slice(4, 9), slice(None), slice(None)))
+    with pytest.raises(InputError, match="one entry per axis"):
+        RegionView(store, (slice(None),))
+
+
+class _Recorder:
+    """A zarr array that records the boxes written to it."""
+
+    def __init__(self, array):
+        self.array, self.chunks, self.shape, self.boxes = array, array.chunks, array.shape, []
+
+    def __setitem__(self, key, value):
+        self.boxes.append(tuple((k.start, k.stop) for k in key))
+        self.array[key] = value
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "spacing", "blocks"),
+    [
+        ((11, 70, 90), "ZYX", (1.0, 1.0, 1.0), [3, 3, 1, 4]),  # irregular, as a 3D model's end
+        ((9, 64, 64), "ZYX", (4.0, 1.0, 1.0), [2, 5, 2]),  # z kept: anisotropic
+        ((2, 7, 64, 80), "CZYX", (1.0, 1.0, 1.0), [4, 3]),  # probabilities: [:, a:b]
+        ((70, 90), "YX", (1.0, 1.0), [70]),  # a 2D image in one write
+        ((70, 90), "YX", (1.0, 1.0), [9, 9, 50, 2]),
+    ],
+)
+def test_rows_written_in_order_fill_every_level_with_whole_chunks(
+    tmp_path, shape, axes, spacing, blocks
+):
+    from napari_segtool.io.zarr_io import OmeZarrWriter
+
+    data = _image(shape)
+    chunks = (2, 32, 32) if "Z" in axes else (16, 32)
+    want = read_zarr(write_ome_zarr(tmp_path / "w.zarr", data, spacing=spacing, axes=axes,
+                                    chunks=chunks, levels=3))  # fmt: skip
+    with OmeZarrWriter(tmp_path / "r.zarr", shape=shape, dtype=data.dtype, axes=axes,
+                       spacing=spacing, chunks=chunks, levels=3) as writer:  # fmt: skip
+        rows = writer.rows
+        for level in rows.levels:
+            level.array = _Recorder(level.array)
+        recorders = [level.array for level in rows.levels]
+        axis = axes.index(next(a for a in axes if a in "ZYX"))
+        a = 0
+        for n in blocks:
+            key = (slice(None),) * axis + (slice(a, a + n),)
+            rows[key] = data[key]
+            a += n
+        writer.commit()
+    got = read_zarr(tmp_path / "r.zarr")
+    assert [lv.shape for lv in got.levels] == [lv.shape for lv in want.levels]
+    for lw, lg in zip(want.levels, got.levels, strict=True):
+        np.testing.assert_array_equal(lg[...], lw[...])
+    for rec in recorders:  # every write starts on a chunk boundary and covers whole chunks
+        depth, size = rec.chunks[axis], rec.shape[axis]
+        starts = [box[axis][0] for box in rec.boxes]
+        stops = [box[axis][1] for box in rec.boxes]
+        assert all(s % depth == 0 for s in starts)
+        assert all(e % depth == 0 or e == size for e in stops)
+        assert starts == [0, *stops[:-1]]
+        assert stops[-1] == size
+
+
+def test_rows_out_of_order_or_missing_are_refused(tmp_path):
+    from napari_segtool.io.zarr_io import OmeZarrWriter
+
+    with OmeZarrWriter(tmp_path / "r.zarr", shape=(6, 16, 16), dtype="u1") as writer:
+        writer.rows[0:2] = 1
+        with pytest.raises(IndexError, match="expected rows from 2"):
+            writer.rows[3:4] = 1
+        with pytest.raises(IndexError, match="whole"):
+            writer.rows[2:4, :8] = 1
+        with pytest.raises(InputError, match="only 2 of 6 rows were written"):
+            writer.commit()
+    assert not (tmp_path / "r.zarr").exists()
+    assert not list(tmp_path.glob("*.tmp-*"))

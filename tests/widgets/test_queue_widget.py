@@ -87,15 +87,15 @@ def test_large_volumes_rank_in_a_worker_and_the_newest_request_wins(
     assert small[:4] == [1, 3, 5, 7]
     monkeypatch.setattr(queue_module, "SCORE_IN_WORKER", 100)
     ran_on = []
-    real = queue_module._Request.rank
+    real = queue_module._Request.iter_rank
 
     def spy(self):
         import threading
 
         ran_on.append(threading.current_thread() is threading.main_thread())
-        return real(self)
+        return (yield from real(self))
 
-    monkeypatch.setattr(queue_module._Request, "rank", spy)
+    monkeypatch.setattr(queue_module._Request, "iter_rank", spy)
     widget.queue = []
     assert widget.refresh() == []  # handed to a worker
     assert widget.ranking

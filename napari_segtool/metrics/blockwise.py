@@ -1,0 +1,275 @@
+"""Metrics of label volumes larger than memory, accumulated block by block.
+
+Every overlap metric is a function of the confusion counts
+(:mod:`napari_segtool.metrics.overlap`), and the counts are sums over voxels: summed over
+blocks of slices they are the whole volume's, integer for integer. So
+:func:`evaluate_blockwise` gives exactly the numbers of :func:`~napari_segtool.metrics.evaluate`
+while reading one block of each volume at a time (numpy, zarr, dask, or any array with
+``shape``, ``dtype`` and slicing along the first axis). Label ids are collected as the blocks
+come: the table grows by a row and a column for each id not seen before.
+
+Surface distances are not sums (the nearest surface voxel may lie in any block), so they are
+computed exactly, in memory, only up to :data:`DISTANCE_MAX_VOXELS`; above it, per slice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from napari_segtool.errors import InputError
+from napari_segtool.io.memory import check_allocation
+from napari_segtool.metrics.overlap import compact_confusion, overlap_metrics
+from napari_segtool.metrics.report import DISTANCE_KEYS, SUMMARY_KEYS, evaluate
+from napari_segtool.metrics.surface import surface_metrics
+from napari_segtool.metrics.tracker import slice_confusion
+
+__all__ = [
+    "BLOCK_VOXELS",
+    "DISTANCE_MAX_VOXELS",
+    "confusion_blockwise",
+    "evaluate_blockwise",
+]
+
+#: Voxels of each volume read per block (whole slices; at least one slice).
+BLOCK_VOXELS = 1 << 23
+#: Largest volume (voxels) whose surface distances (HD, HD95, ASSD) are computed: both label
+#: volumes are then read into memory (512**3 uint8 voxels: 128 MiB each, plus the masks).
+DISTANCE_MAX_VOXELS = 512**3
+
+Progress = Callable[[int, int], None]
+
+
+def _shape(pred: Any, ref: Any) -> tuple[int, ...]:
+    shape = tuple(int(n) for n in pred.shape)
+    if shape != tuple(int(n) for n in ref.shape):
+        raise InputError(f"prediction {shape} and reference {tuple(ref.shape)} differ in shape")
+    for name, arr in (("prediction", pred), ("reference", ref)):
+        if np.dtype(arr.dtype).kind not in "biu":
+            raise InputError(f"{name} must be an integer or boolean label image, not {arr.dtype}")
+    return shape
+
+
+def _rows(arr: Any, shape: tuple[int, ...], block_voxels: int) -> int:
+    """Slices per block: within ``block_voxels``, a multiple of the array's chunk depth."""
+    if block_voxels < 1:
+        raise InputError(f"block_voxels must be positive, got {block_voxels}")
+    rows = max(1, block_voxels // max(1, math.prod(shape[1:])))
+    chunks = getattr(arr, "chunks", None)
+    depth = chunks[0] if isinstance(chunks, tuple) and chunks else None
+    if isinstance(depth, int) and rows > depth:  # whole chunks: none decoded twice
+        rows -= rows % depth
+    return rows
+
+
+def _blocks(
+    pred: Any, ref: Any, shape: tuple[int, ...], block_voxels: int, progress: Progress | None
+) -> Iterator[tuple[int, NDArray, NDArray]]:
+    """``(a, pred[a:b], ref[a:b])`` as numpy, block by block along the first axis."""
+    rows = _rows(pred, shape, block_voxels)
+    n = shape[0] if shape else 0
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        yield a, np.asarray(pred[a:b]), np.asarray(ref[a:b])
+        if progress is not None:
+            progress(b, n)
+
+
+class _Table:
+    """A confusion table over the ids seen so far, grown as new ids arrive."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(1, np.int64)
+        self.cm = np.zeros((1, 1), np.int64)
+
+    def add(self, ids: NDArray[np.int64], cm: NDArray[np.int64]) -> None:
+        union = np.union1d(self.ids, ids)
+        if union.size != self.ids.size:
+            k = int(union.size)
+            check_allocation(
+                k * k * 8 * 2,
+                what=f"a confusion table of {k} x {k} label ids",
+                hint="for instance labels (one id per object) use "
+                "napari_segtool.metrics.instance_metrics",
+            )
+            grown = np.zeros((k, k), np.int64)
+            at = np.searchsorted(union, self.ids)
+            grown[np.ix_(at, at)] = self.cm
+            self.ids, self.cm = union, grown
+        at = np.searchsorted(self.ids, ids)
+        self.cm[np.ix_(at, at)] += cm
+
+
+def confusion_blockwise(
+    pred: Any,
+    ref: Any,
+    *,
+    block_voxels: int = BLOCK_VOXELS,
+    progress: Progress | None = None,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """:func:`~napari_segtool.metrics.compact_confusion` of two label volumes, block by block.
+
+    Parameters
+    ----------
+    pred, ref : array-like of int or bool
+        Label images of the same shape (numpy, zarr, dask, ...); read ``[a:b]`` along the
+        first axis, a block of whole slices at a time.
+    block_voxels : int
+        Voxels per block of each volume (at least one slice; rounded to whole chunks of a
+        chunked ``pred``).
+    progress : callable, optional
+        ``progress(done, total)`` in slices, after each block.
+
+    Returns
+    -------
+    ids, M : ndarray of int64
+        The sorted label ids that occur (0 always first) and ``M[i, j]``, the voxels whose
+        reference id is ``ids[i]`` and predicted id ``ids[j]``: equal to
+        ``compact_confusion(pred, ref)``.
+
+    Examples
+    --------
+    >>> pred = np.array([[0, 5], [5, 117]])
+    >>> ref = np.array([[0, 5], [0, 117]])
+    >>> ids, cm = confusion_blockwise(pred, ref, block_voxels=1)
+    >>> ids.tolist(), cm.tolist()
+    ([0, 5, 117], [[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    """
+    shape = _shape(pred, ref)
+    table = _Table()
+    for _, p, r in _blocks(pred, ref, shape, block_voxels, progress):
+        table.add(*compact_confusion(p, r))
+    return table.ids, table.cm
+
+
+def _slice_entries(
+    p: NDArray, r: NDArray, ids: NDArray[np.int64], spacing: Sequence[float] | None
+) -> list[dict[str, object]]:
+    """Overlap metrics of each slice of a block (and distances with ``spacing`` not None)."""
+    entries = []
+    for z, cm in enumerate(slice_confusion(p, r, ids=ids)):
+        metrics = overlap_metrics(confusion=cm, ids=ids)
+        per_class = metrics.pop("per_class")
+        if spacing is not None:  # 2D distances of the slice, as evaluate's of a volume
+            found = [surface_metrics(p[z] == c, r[z] == c, spacing=spacing or None)
+                     for c in per_class]  # fmt: skip
+            for key in DISTANCE_KEYS:
+                values = [f[key] for f in found]
+                metrics[key] = float(np.mean(values)) if values else 0.0
+        entries.append(metrics)
+    return entries
+
+
+def _read_whole(pred: Any, ref: Any, shape: tuple[int, ...]) -> tuple[NDArray, NDArray]:
+    """Both volumes in memory, after a check that they (and the distance masks) fit."""
+    voxels = math.prod(shape)
+    need = voxels * (np.dtype(pred.dtype).itemsize + np.dtype(ref.dtype).itemsize + 4)
+    check_allocation(
+        need,
+        what=f"surface distances of {' x '.join(map(str, shape))} label volumes",
+        hint="leave the distances out or evaluate a region of the volumes",
+    )
+    return np.asarray(pred[...]), np.asarray(ref[...])
+
+
+def evaluate_blockwise(
+    pred: Any,
+    ref: Any,
+    *,
+    spacing: Sequence[float] | None = None,
+    distances: bool = True,
+    per_slice: bool = False,
+    block_voxels: int = BLOCK_VOXELS,
+    max_distance_voxels: int = DISTANCE_MAX_VOXELS,
+    progress: Progress | None = None,
+) -> dict[str, object]:
+    """:func:`~napari_segtool.metrics.evaluate` of label volumes read block by block.
+
+    Parameters
+    ----------
+    pred, ref : array-like of int or bool
+        Label images of the same shape, ``(Y, X)`` or ``(Z, Y, X)`` (numpy, zarr, dask, or a
+        lazy box of one such as :class:`~napari_segtool.io.zarr_io.RegionView`).
+    spacing : sequence of float, optional
+        Voxel size per axis (``(z, y, x)``); distances are in its units.
+    distances : bool
+        Compute ``hd``, ``hd95`` and ``assd`` (see Notes); without them those keys are None.
+    per_slice : bool
+        Also return ``per_slice``, the overlap metrics of each slice along Z (3D only).
+    block_voxels : int
+        Voxels of each volume read at a time (whole slices, at least one).
+    max_distance_voxels : int
+        Largest volume whose distances are computed over the volume
+        (:data:`DISTANCE_MAX_VOXELS`).
+    progress : callable, optional
+        ``progress(done, total)`` in slices, after each block.
+
+    Returns
+    -------
+    dict
+        The keys and values of :func:`~napari_segtool.metrics.evaluate`: the overlap metrics
+        are equal to its numbers exactly (the same integer counts).
+
+    Raises
+    ------
+    InputError
+        For labels of different shapes, non-integer or negative labels, and for distances of
+        a volume above ``max_distance_voxels`` unless ``per_slice`` is set.
+
+    Notes
+    -----
+    Distances need the whole masks: up to ``max_distance_voxels`` both volumes are read into
+    memory and the result is ``evaluate``'s. Above it, with ``per_slice`` (3D), the volume's
+    distances are None and each slice's entry gets its own 2D ``hd``, ``hd95`` and ``assd``
+    (in-plane spacing, the mean over the slice's classes, as ``evaluate`` means them over a
+    volume's); without ``per_slice`` the call is refused: leave the distances out, take them
+    per slice, or evaluate a smaller box (a ``RegionView``).
+
+    Examples
+    --------
+    >>> pred = np.array([[[0, 1], [1, 1]], [[0, 0], [2, 2]]])
+    >>> ref = np.array([[[0, 1], [0, 1]], [[0, 0], [2, 0]]])
+    >>> m = evaluate_blockwise(pred, ref, distances=False, block_voxels=4)
+    >>> m == evaluate(pred, ref, distances=False)
+    True
+    """
+    shape = _shape(pred, ref)
+    voxels = math.prod(shape)
+    per_slice = per_slice and len(shape) >= 3
+    slice_distances = False
+    if distances and voxels > max_distance_voxels:
+        plane = math.prod(shape[1:])
+        if not per_slice or plane > max_distance_voxels:
+            raise InputError(
+                f"surface distances are computed only up to {max_distance_voxels} voxels and "
+                f"these labels have {voxels}; leave them out (distances=False), take them per "
+                "slice (per_slice=True) or evaluate a region"
+            )
+        slice_distances = True
+    if distances and not slice_distances:
+        p, r = _read_whole(pred, ref, shape)
+        if progress is not None:
+            progress(shape[0], shape[0])
+        return evaluate(p, r, spacing=spacing, distances=True, per_slice=per_slice)
+    plane_spacing = None
+    if slice_distances:
+        plane_spacing = () if spacing is None else tuple(spacing)[-2:]
+    table = _Table()
+    slices: list[dict[str, object]] = []
+    for _, p, r in _blocks(pred, ref, shape, block_voxels, progress):
+        ids, cm = compact_confusion(p, r)
+        table.add(ids, cm)
+        if per_slice:
+            slices.extend(_slice_entries(p, r, ids, plane_spacing))
+    result = overlap_metrics(confusion=table.cm, ids=table.ids)
+    for key in DISTANCE_KEYS:
+        result[key] = None
+    if per_slice:
+        result["per_slice"] = slices
+    ordered = {k: result[k] for k in SUMMARY_KEYS}
+    ordered.update({k: v for k, v in result.items() if k not in ordered})
+    return ordered
