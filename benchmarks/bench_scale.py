@@ -16,10 +16,11 @@ native bfloat16; a warm-up run fills the speed cache first, so no run pays the p
 
 Targets (issue 14): peak memory flat in the volume size, its growth from the smallest to the
 largest volume at most 5 % of the data's growth (1 byte a voxel); throughput of the block
-engine at least 0.9x the in-memory path's on the smallest volume. The labels of the two paths
+engine at least 0.9x the in-memory path's on the smallest volume (both paths run
+``--repeats`` times there, alternating; the median wall time of each). The labels of the two paths
 on the smallest volume are compared voxel by voxel.
 
-Run (about 15 minutes on 2 cores; keep the machine otherwise idle)::
+Run (about 16 minutes on 2 cores; keep the machine otherwise idle)::
 
     python benchmarks/bench_scale.py -o benchmarks/results/scale_cpu.json --plot docs/scale.png
 
@@ -118,6 +119,8 @@ def main() -> int:
     parser.add_argument("--plane", type=int, default=1024, help="Y and X size")
     parser.add_argument("--in-memory", default="2", help="how many of the smallest volumes "
                         "also run in memory (as TIFF)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each path on the "
+                        "smallest volume (median time)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segtool-scale"))
     parser.add_argument("-o", "--output", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -130,25 +133,40 @@ def main() -> int:
     warm = build(args.workdir / "warmup.zarr", 4, 512)
     run_segment(warm, args.workdir / "warmup_labels.zarr", env)  # fills the speed cache
 
-    runs = []
-    for z in sizes:
-        vol = build(args.workdir / f"em_{z}x{args.plane}.zarr", z, args.plane)
+    def measure(kind: str, z: int) -> dict[str, object]:
+        if kind == "zarr":
+            image = build(args.workdir / f"em_{z}x{args.plane}.zarr", z, args.plane)
+        else:
+            image = build_tiff(args.workdir / f"em_{z}x{args.plane}.tif", z, args.plane)
+        suffix = ".zarr" if kind == "zarr" else ".tif"
         voxels = z * args.plane * args.plane
-        r = run_segment(vol, args.workdir / f"labels_{z}.zarr", env)
-        r.update(path="zarr", slices=z, voxels=voxels,
-                 voxels_per_second=round(voxels / r["wall_seconds"]))  # fmt: skip
-        runs.append(r)
+        r = run_segment(image, args.workdir / f"labels_{z}{suffix}", env)
+        r.update(path="zarr" if kind == "zarr" else "in-memory", slices=z, voxels=voxels)
         print(json.dumps({k: r[k] for k in ("path", "voxels", "peak_mb", "wall_seconds")}),
               file=sys.stderr)  # fmt: skip
-    for z in sizes[: int(args.in_memory)]:
-        tif = build_tiff(args.workdir / f"em_{z}x{args.plane}.tif", z, args.plane)
-        voxels = z * args.plane * args.plane
-        r = run_segment(tif, args.workdir / f"labels_{z}.tif", env)
-        r.update(path="in-memory", slices=z, voxels=voxels,
-                 voxels_per_second=round(voxels / r["wall_seconds"]))  # fmt: skip
-        runs.append(r)
-        print(json.dumps({k: r[k] for k in ("path", "voxels", "peak_mb", "wall_seconds")}),
-              file=sys.stderr)  # fmt: skip
+        return r
+
+    def summarise(rs: list[dict[str, object]]) -> dict[str, object]:
+        """One entry: the median wall time and the highest peak of the repeats."""
+        walls = sorted(r["wall_seconds"] for r in rs)
+        r = dict(rs[len(rs) // 2], wall_seconds=walls[len(walls) // 2],
+                 peak_mb=max(r["peak_mb"] for r in rs))  # fmt: skip
+        if len(rs) > 1:
+            r["all_wall_seconds"] = [x["wall_seconds"] for x in rs]
+            r["all_peak_mb"] = [x["peak_mb"] for x in rs]
+        r["voxels_per_second"] = round(r["voxels"] / r["wall_seconds"])
+        return r
+
+    # the smallest pair, alternating, --repeats times: the throughput ratio is a ratio of
+    # medians, each path run in the same conditions
+    first: dict[str, list] = {"zarr": [], "tif": []}
+    for _ in range(args.repeats):
+        for kind in ("zarr", "tif"):
+            first[kind].append(measure(kind, sizes[0]))
+    runs = [summarise(first["zarr"])]
+    runs += [summarise([measure("zarr", z)]) for z in sizes[1:]]
+    runs.append(summarise(first["tif"]))
+    runs += [summarise([measure("tif", z)]) for z in sizes[1 : int(args.in_memory)]]
 
     zarr_runs = [r for r in runs if r["path"] == "zarr"]
     small, large = zarr_runs[0], zarr_runs[-1]

@@ -325,6 +325,32 @@ def test_evaluate_a_region_is_the_evaluation_of_the_crops(tmp_path, capsys, labe
     assert "the Z range 0:7 is not a non-empty range inside 0:6" in err
 
 
+def test_evaluate_places_a_region_output_in_its_box_of_the_reference(tmp_path, capsys, label_pair):
+    """A `segment --region` output (.zarr with a translation) is judged on its box only."""
+    paths, pred, _ = label_pair
+    box = (slice(1, 4), slice(10, 40), slice(5, 25))
+    shift = [b.start * s for b, s in zip(box, (3.0, 1.0, 1.0), strict=True)]
+    placed = write_ome_zarr(tmp_path / "box.zarr", pred[box], spacing=(3.0, 1.0, 1.0),
+                            translation=shift)  # fmt: skip
+    got = _run(capsys, "evaluate", placed, paths["ref.zarr"], "--json")
+    assert got.pop("reference_box") == [[1, 4], [10, 40], [5, 25]]
+    want = _run(capsys, "evaluate", paths["pred.zarr"], paths["ref.zarr"], "--json",
+                "--region", "1:4,10:40,5:25")  # fmt: skip
+    want.pop("region")
+    assert got == want
+    # a box with no translation lies at the origin, as OME-Zarr has it
+    at_origin = write_ome_zarr(tmp_path / "o.zarr", pred[:3, :20, :10], spacing=(3.0, 1.0, 1.0))
+    assert _run(capsys, "evaluate", at_origin, paths["ref.zarr"], "--json",
+                "--no-distances")["reference_box"] == [[0, 3], [0, 20], [0, 10]]  # fmt: skip
+    # off the voxel grid, outside the reference, or a TIFF (no offset recorded): refused
+    for name, data, t in (("half.zarr", pred[box], [3.0, 10.5, 5.0]),
+                          ("out.zarr", pred[box], [12.0, 10.0, 5.0])):  # fmt: skip
+        bad = write_ome_zarr(tmp_path / name, data, spacing=(3.0, 1.0, 1.0), translation=t)
+        assert "differ in shape" in _one_line_error(capsys, "evaluate", bad, paths["ref.zarr"])
+    tif = write_image(tmp_path / "box.tif", pred[box], spacing=(3.0, 1.0, 1.0))
+    assert "differ in shape" in _one_line_error(capsys, "evaluate", tif, paths["ref.zarr"])
+
+
 def test_evaluate_refuses_distances_above_the_limit_naming_the_ways_around(
     capsys, label_pair, monkeypatch
 ):

@@ -431,6 +431,9 @@ def _print_metrics(result: dict[str, Any], unit: str) -> None:
     for key, value in result.items():
         if key in ("per_class", "per_slice"):
             continue
+        if key in ("region", "reference_box"):  # boxes of voxels, not figures
+            print(f"{key:<20} " + ", ".join(f"{a}:{b}" for a, b in value))  # noqa: T201
+            continue
         if value is None:
             print(f"{key:<20} not computed")  # noqa: T201
             continue
@@ -453,11 +456,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise
     try:
         check_grid(ref, pred)  # medical files: the same voxels in space, not only the same shape
-        shape = tuple(int(n) for n in ref.data.shape)
-        if tuple(pred.data.shape) != shape:
-            raise InputError(
-                f"prediction {tuple(pred.data.shape)} and reference {shape} differ in shape"
-            )
+        placed = _reference_box(args, pred, ref)
+        shape = tuple(s.stop - s.start for s in placed)
         voxel = args.spacing or ref.spacing  # a medical file's spacing is in mm
         if len(voxel) == 1:
             voxel = voxel * ref.data.ndim
@@ -467,6 +467,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "axis"
             )
         p, r = pred.data, ref.data
+        if tuple(r.shape) != shape:
+            r = RegionView(r, placed)
         if args.region is not None:
             region = parse_region(args.region, shape)
             p, r = RegionView(p, region), RegionView(r, region)
@@ -481,6 +483,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     finally:
         pred.close()
         ref.close()
+    if tuple(pred.data.shape) != tuple(ref.data.shape):
+        result["reference_box"] = [[s.start, s.stop] for s in placed]
     if args.region is not None:
         result["region"] = [[s.start, s.stop] for s in region]
     if args.output is not None:
@@ -490,6 +494,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         _print_metrics(result, ref.unit)
     return 0
+
+
+def _reference_box(args: argparse.Namespace, pred: ImageFile, ref: ImageFile) -> tuple[slice, ...]:
+    """The box of the reference the prediction is judged on: all of it, or where a
+    ``segment --region`` output lies (:func:`_placed_box`); refused otherwise."""
+    from napari_segtool.io.zarr_io import is_zarr_path
+
+    shape = tuple(int(n) for n in ref.data.shape)
+    if tuple(pred.data.shape) == shape:
+        return tuple(slice(0, n) for n in shape)
+    placed = _placed_box(pred, ref, zarr=is_zarr_path(args.pred))
+    if placed is None:
+        raise InputError(
+            f"prediction {tuple(pred.data.shape)} and reference {shape} differ in shape (a "
+            "`segment --region` output in .zarr is matched to its box of the reference by "
+            "its translation; this one has none that fits)"
+        )
+    return placed
+
+
+def _placed_box(pred: ImageFile, ref: ImageFile, *, zarr: bool) -> tuple[slice, ...] | None:
+    """The box of ``ref`` that ``pred`` covers, from their origins, or None.
+
+    A ``segment --region`` output written as ``.zarr`` carries the box's offset as its
+    translation (``origin``; none is a zero translation, as OME-Zarr has it); with the same
+    spacing, a whole number of voxels from the reference's origin and inside it, the
+    prediction is compared with that box. Other formats are never placed: a TIFF cannot
+    record an offset.
+    """
+    p_shape, r_shape = tuple(pred.data.shape), tuple(ref.data.shape)
+    if not zarr or len(p_shape) != len(r_shape):
+        return None
+    n = len(r_shape)
+    p_origin = pred.origin if pred.origin is not None else (0.0,) * n
+    spacing = tuple(float(v) for v in (ref.spacing or (1.0,) * n))
+    if len(spacing) != n or tuple(float(v) for v in (pred.spacing or (1.0,) * n)) != spacing:
+        return None
+    r_origin = ref.origin if ref.origin is not None else (0.0,) * n
+    box = []
+    for size, full, po, ro, sp in zip(p_shape, r_shape, p_origin, r_origin, spacing,
+                                      strict=True):  # fmt: skip
+        start = (float(po) - float(ro)) / sp
+        if abs(start - round(start)) > 1e-6 or round(start) < 0 or round(start) + size > full:
+            return None
+        box.append(slice(round(start), round(start) + size))
+    return tuple(box)
 
 
 def _check_distance_size(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
