@@ -14,12 +14,15 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from napari_segtool.cli._common import (
     TerminalProgress,
     add_precision_flag,
     check_learning_rate,
     emit,
     read_labels,
+    read_labels_file,
     read_mask,
     slices,
 )
@@ -96,7 +99,12 @@ def _create(args: argparse.Namespace) -> None:
 
     if args.labels is None:
         raise InputError("--create needs --labels LABELS (the corrected labels of the image)")
+    from napari_segtool.io.zarr_io import is_zarr_path
+
     base = starting_model(args.model or DEFAULT_MODEL)
+    if is_zarr_path(args.create) or is_zarr_path(args.labels):
+        _create_chunked(args, base)
+        return
     image = read_image(args.create)
     labels = read_labels(args.labels, grid=image)
     painted = None if args.mask is None else read_mask(args.mask, labels.shape, grid=image)
@@ -106,6 +114,54 @@ def _create(args: argparse.Namespace) -> None:
                        painted=painted, reviewed=args.reviewed, base_model=base,
                        image={"name": args.create.stem,
                               "path": str(args.create.resolve())})  # fmt: skip
+
+
+def _create_chunked(args: argparse.Namespace, base: str) -> None:
+    """``--create`` for a .zarr image or labels: a chunked project, written box by box.
+
+    The labels stand for the model's last prediction as in :func:`create_project`, so only
+    ``--mask`` voxels and ``--reviewed`` slices count as labelled; nothing is read whole.
+    """
+    from napari_segtool.io import read_image
+    from napari_segtool.io.chunked_state import grid_boxes
+    from napari_segtool.io.project import Project
+
+    image = read_image(args.create)
+    labels = read_labels_file(args.labels, lazy=True)
+    shape = tuple(int(n) for n in labels.data.shape)
+    if tuple(image.data.shape[: len(shape)]) != shape:
+        raise InputError(
+            f"--labels {args.labels}: shape {shape} does not match the image "
+            f"{tuple(image.data.shape)}"
+        )
+    mask = None
+    if args.mask is not None:
+        mask = read_labels_file(args.mask, lazy=True).data
+        if tuple(mask.shape) != shape:
+            raise InputError(f"--mask {args.mask}: shape {tuple(mask.shape)} does not match "
+                             f"the labels {shape}")  # fmt: skip
+    bad = [z for z in args.reviewed if not 0 <= z < (shape[0] if len(shape) == 3 else 1)]
+    if bad:
+        raise InputError(f"--reviewed {bad}: outside the image's slices")
+    project = Project(args.folder, program=PROJECT_PROGRAM)
+    if project.exists():
+        raise InputError(
+            f"{project.folder} already holds a project; choose another folder, or run "
+            f"`napari-segtool project {project.folder}` to see it"
+        )
+    with project.lock():
+        state = project.create_chunked(
+            labels=labels.data, machine=labels.data, base_model=base,
+            image={"name": args.create.name.removesuffix(".zarr"),
+                   "path": str(args.create.resolve()), "shape": list(image.data.shape)},
+        )  # fmt: skip
+        state.reviewed = set(args.reviewed)
+        if mask is not None:
+            for box in grid_boxes(shape, state.chunks):
+                block = np.asarray(mask[box]) != 0
+                if block.any():
+                    state.painted[box] = block
+        project.save(state)
 
 
 def _need_project(project: Project) -> None:

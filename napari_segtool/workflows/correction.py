@@ -337,8 +337,12 @@ def iter_resegment_boxes(
         raise InputError(
             f"the image {tuple(image.shape)} does not match the project's labels {state.shape}"
         )
-    inference = InferenceConfig(device=device, precision=precision, tta=False)
-    value_range = subsample_range(image, model.normalization)
+    inference = resegment_config(state, device=device, precision=precision)
+    recorded = state.image.get("value_range")
+    if recorded is not None:
+        value_range = (np.array([recorded[0]]), np.array([recorded[1]]))
+    else:
+        value_range = subsample_range(image, model.normalization)
 
     def predict(box: tuple[slice, ...]) -> NDArray:
         return segment_box(image, model, box, value_range=value_range, inference=inference,
@@ -346,6 +350,30 @@ def iter_resegment_boxes(
 
     merge = state.iter_merge_untouched(predict, block=block or resegment_block(state, model))
     return (yield from relay(merge, lambda step: Progress(*step)))
+
+
+def resegment_config(state: ChunkedState, *, device: str, precision: str) -> InferenceConfig:
+    """The tiling and flips the project was first segmented with (``state.image``), so a
+    re-segmentation with the same model gives the same labels; flips on when none are
+    recorded, as the in-memory round has them.
+
+    >>> from types import SimpleNamespace
+    >>> s = SimpleNamespace(image={"inference": {"tile_shape": [64, 64], "overlap": 0.5,
+    ...                                          "blend": "gaussian", "tta": False}})
+    >>> c = resegment_config(s, device="cpu", precision="fp32")
+    >>> c.tile_shape, c.overlap, c.tta
+    ((64, 64), 0.5, False)
+    """
+    rec = state.image.get("inference") or {}
+    base = InferenceConfig()
+    tile = rec.get("tile_shape")
+    return InferenceConfig(
+        device=device, precision=precision,
+        tile_shape=tuple(int(t) for t in tile) if tile else None,
+        overlap=float(rec.get("overlap", base.overlap)),
+        blend=str(rec.get("blend", base.blend)),
+        tta=bool(rec.get("tta", True)),
+    )  # fmt: skip
 
 
 def merge_resegmentation(state: ProjectState, segmentation: Resegmentation) -> int:

@@ -361,7 +361,11 @@ def iter_segment_lazy(
     if value_range is None:
         value_range = subsample_range(image, model.normalization)
     lo, hi = (float(np.asarray(v, np.float64).reshape(-1)[0]) for v in value_range)
-    state.image = {**state.image, "value_range": [lo, hi]}
+    # what a re-segmentation after a round must reuse, so untouched voxels change only
+    # because the model did (the tiling and flips change labels too)
+    settings = {"tile_shape": list(cfg.tile_shape) if cfg.tile_shape else None,
+                "overlap": cfg.overlap, "blend": cfg.blend, "tta": cfg.tta}  # fmt: skip
+    state.image = {**state.image, "value_range": [lo, hi], "inference": settings}
     unc = None
     if uncertainty:
         unc = zarr.open_array(state.folder / UNCERTAINTY_STORE, mode="w", shape=shape,
