@@ -236,6 +236,10 @@ SEGMENT_WIDGET_DEFAULTS = InferenceConfig(tta=True)
 #: block, instead of in memory (1 Gi voxels: a float32 volume of 4 GiB).
 LAZY_SEGMENT_VOXELS = 2**30
 
+#: What the Segment widget segments: the whole image (the default), the box the canvas shows,
+#: or the box of a rectangle drawn in a Shapes layer (``segment --region`` on the command line).
+SEGMENT_REGIONS: tuple[str, ...] = ("whole image", "field of view", "Shapes rectangle")
+
 
 @dataclass(frozen=True)
 class TrainingConfig:

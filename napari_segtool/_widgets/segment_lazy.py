@@ -4,10 +4,10 @@ A lazy image layer (dask or zarr data, or a multiscale one: level 0 is segmented
 :data:`~napari_segtool.config.LAZY_SEGMENT_VOXELS` is never read whole: :func:`lazy_job`
 points it at the chunked project ``<image file>.segtool`` beside its file, :func:`run_lazy_job`
 (the worker) opens or creates it and runs :func:`~napari_segtool.workflows.lazy_segment.
-iter_segment_lazy`, and :class:`LazyDisplay` shows ``state.labels`` as a Labels layer from the
-first report on, refreshes it when rows of the displayed slice become final, and records the
-user's paint events into the project (:func:`~napari_segtool.workflows.lazy_segment.
-record_paint`), also after the run.
+iter_segment_lazy` (on the whole image or a box of it), and :class:`LazyDisplay` shows
+``state.labels`` as a Labels layer from the first report on, refreshes it when rows of the
+displayed slice become final, and records the user's paint events into the project
+(:func:`~napari_segtool.workflows.lazy_segment.record_paint`), also after the run.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class LazyJob:
     config: InferenceConfig
     cancel: threading.Event
     lock: threading.Lock
+    region: tuple[slice, ...] | None = None  # segment only this box (level-0 voxels)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,17 @@ class LazyOutput:
     result: LazyResult | None  # None: cancelled
 
 
-def lazy_job(layer: napari.layers.Image, *, model: str, config: InferenceConfig) -> LazyJob:
-    """The job for a lazy layer, or an :class:`InputError` saying how to make one work."""
+def lazy_job(
+    layer: napari.layers.Image,
+    *,
+    model: str,
+    config: InferenceConfig,
+    region: tuple[slice, ...] | None = None,
+) -> LazyJob:
+    """The job for a lazy layer, or an :class:`InputError` saying how to make one work.
+
+    With ``region`` (a box of level 0's voxels) only that box of the project is written.
+    """
     path = getattr(layer.source, "path", None)
     voxels = f"{int(np.prod(level0(layer).shape)):,} voxels"
     if not path:
@@ -103,7 +113,7 @@ def lazy_job(layer: napari.layers.Image, *, model: str, config: InferenceConfig)
         image=level0(layer), image_name=layer.name, image_path=str(path),
         folder=default_project_dir(path), scale=tuple(layer.scale),
         translate=tuple(layer.translate), model=model, config=config,
-        cancel=threading.Event(), lock=threading.Lock(),
+        cancel=threading.Event(), lock=threading.Lock(), region=region,
     )  # fmt: skip
 
 
@@ -125,7 +135,8 @@ def run_lazy_job(job: LazyJob) -> Generator[Ready | BlockProgress, None, LazyOut
     yield Ready(state)
 
     gen = iter_segment_lazy(job.image, model, state=state, project=project, config=job.config,
-                            uncertainty=job.config.tta, lock=job.lock)  # fmt: skip
+                            uncertainty=job.config.tta, lock=job.lock,
+                            region=job.region)  # fmt: skip
     try:
         while True:
             if job.cancel.is_set():

@@ -6,9 +6,10 @@ nothing is loaded: :attr:`ImageFile.data` is the level-0 ``zarr.Array`` and
 :attr:`ImageFile.levels` holds every level for display. Writing goes through
 :class:`OmeZarrWriter`: the caller fills level 0 block by block (:func:`write_ome_zarr` with
 :func:`dask.array.store`; the block engine with its own blocks), then the writer builds the
-pyramid chunk by chunk from the stored level and writes the metadata with
-:func:`ome_zarr.writer.write_multiscales_metadata`. :class:`RegionView` is a lazy box of any
-array (numpy, zarr, dask): indexing it reads only the asked part of the box.
+pyramid chunk by chunk from the stored level and writes the metadata
+(:func:`write_ngff_attrs`: the attributes ome-zarr's writer would write). :class:`RegionView`
+is a lazy box of any array (numpy, zarr, dask): indexing it reads only the asked part of the
+box.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from napari_segtool.io.tiff import ImageFile
 logger = logging.getLogger(__name__)
 
 ZARR_SUFFIX = ".zarr"
+NGFF_VERSION = "0.5"
+"""The OME-NGFF version written (ome-zarr's default, zarr v3)."""
 #: More elements than this in a store's declared shape is refused as absurd (2**48: 256 TiB
 #: of uint8), before anything is read.
 MAX_ELEMENTS = 2**48
@@ -292,7 +294,7 @@ def write_ome_zarr(
     """Write ``data`` (numpy, zarr or dask) as a chunked, multiscale OME-Zarr image.
 
     The format is OME-NGFF 0.5 (zarr v3), the default of the installed ``ome-zarr`` writer,
-    whose :func:`~ome_zarr.writer.write_multiscales_metadata` writes the metadata.
+    with the metadata its ``write_multiscales_metadata`` writes (:func:`write_ngff_attrs`).
     Level ``k`` takes every second voxel of level ``k - 1`` in y and x, and in z while the z
     spacing is no coarser than the y spacing (nearest-neighbour subsampling: exact for labels,
     and it never mixes values); each level's scale transform holds its spacing. Level 0 is
@@ -504,7 +506,6 @@ class OmeZarrWriter:
         """
         if self._tmp is None:
             raise InputError(f"{self.path}: this writer was already committed or aborted")
-        write_multiscales_metadata, add_metadata = _ome_writer()
         if self._rows is not None:  # the levels were filled as the rows came
             self._rows.close()
         else:
@@ -516,9 +517,8 @@ class OmeZarrWriter:
             if self._shift is not None:
                 transforms.append({"type": "translation", "translation": list(self._shift)})
             datasets.append({"path": f"s{k}", "coordinateTransformations": transforms})
-        write_multiscales_metadata(self._group, datasets, axes=self._ome_axes, name=self.path.stem)
-        if self.image_label:
-            add_metadata(self._group, {"image-label": {"version": _ome_version(self._group)}})
+        write_ngff_attrs(self._group, datasets, axes=self._ome_axes, name=self.path.stem,
+                         image_label=self.image_label)  # fmt: skip
         tmp, self._tmp = self._tmp, None
         try:
             if self.path.exists():  # overwrite: only now that the new store is complete
@@ -578,17 +578,27 @@ def _ome_axes(axes: str, unit: str | None, p: Path) -> list[dict[str, str]]:
     return out
 
 
-def _ome_writer() -> tuple[Any, Any]:
-    """ome-zarr's ``write_multiscales_metadata`` and ``add_metadata``."""
-    with warnings.catch_warnings():  # importing ome-zarr 0.18's writer warns about itself
-        warnings.filterwarnings("ignore", "Call to deprecated class Scaler", DeprecationWarning)
-        from ome_zarr.writer import add_metadata, write_multiscales_metadata
-    return write_multiscales_metadata, add_metadata
+def write_ngff_attrs(
+    group: Any,
+    datasets: list[dict[str, Any]],
+    *,
+    axes: list[dict[str, Any]],
+    name: str,
+    image_label: bool = False,
+) -> None:
+    """Write OME-NGFF 0.5 multiscales metadata (and ``image-label``) into a zarr v3 group.
 
-
-def _ome_version(group: Any) -> str:
-    ome = group.attrs.get("ome")
-    return str(ome.get("version", "0.5")) if isinstance(ome, dict) else "0.5"
+    The attributes are exactly those ome-zarr's ``write_multiscales_metadata`` and
+    ``add_metadata`` write for NGFF 0.5 (a test compares them on every kind of store this
+    module writes); they are built here because importing ome-zarr's writer pulls in dask
+    and xarray, about a second on every ``segment`` run.
+    """
+    ome = dict(group.attrs.get("ome") or {})
+    ome["version"] = NGFF_VERSION
+    ome["multiscales"] = [{"datasets": datasets, "name": name, "axes": axes}]
+    if image_label:
+        ome["image-label"] = {**ome.get("image-label", {}), "version": NGFF_VERSION}
+    group.attrs["ome"] = ome
 
 
 def _canonical_order(axes: str) -> str:

@@ -20,6 +20,12 @@ the stroke's record (and written over again by it) or after it (and sees the vox
 
 Cancel by closing the generator: the chunk being written is finished, nothing more is written,
 and the record is saved; every chunk holds either its old or its new values.
+
+A box only
+----------
+With ``region``, only that box of the image is read and segmented (normalised with the whole
+volume's range, so its voxels get the labels a whole run would give them) and only that box of
+the project is written; everything outside keeps its labels, machine prediction and record.
 """
 
 from __future__ import annotations
@@ -181,20 +187,30 @@ class ProtectedLabels:
     state : ChunkedState
     lock : threading.Lock, optional
         Shared with :func:`record_paint` (default: a new one, :attr:`lock`).
+    region : tuple of slice, optional
+        A box of ``state``: then this array has the box's shape, and ``out[key]`` writes
+        ``state``'s voxels at ``key`` shifted by the box's start (nothing outside the box).
     """
 
-    def __init__(self, state: ChunkedState, *, lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self,
+        state: ChunkedState,
+        *,
+        lock: threading.Lock | None = None,
+        region: Box | None = None,
+    ) -> None:
         self.state = state
         self.lock = lock if lock is not None else threading.Lock()
-        self.shape = state.shape
+        self._full = state.shape
+        self.region = normalise_box(region or (slice(None),) * len(self._full), self._full)
+        self.shape = tuple(s.stop - s.start for s in self.region)
         self.ndim = len(self.shape)
         self.dtype = state.labels.dtype
         self._rows: tuple[int, int] | None = None
         self._rows_lock = threading.Lock()
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        keys = key if isinstance(key, tuple) else (key,)
-        box = normalise_box(keys + (slice(None),) * (self.ndim - len(keys)), self.shape)
+        box = _shifted(key, self.shape, self.region)
         value = np.asarray(value)
         if value.shape != tuple(s.stop - s.start for s in box):
             raise InputError(f"a block of shape {value.shape} does not fit the box {box}")
@@ -217,7 +233,7 @@ class ProtectedLabels:
         machine = np.asarray(state.machine[part])
         painted = np.asarray(state.painted[part], bool)
         differ = labels != machine
-        keep = labelled_in_box(self.shape, part, changed=painted | differ,
+        keep = labelled_in_box(self._full, part, changed=painted | differ,
                                reviewed=set(state.reviewed))  # fmt: skip
         new_labels = np.where(keep, labels, pred)
         new_machine = np.where(differ & ~painted, machine, pred)
@@ -233,6 +249,26 @@ class ProtectedLabels:
         with self._rows_lock:
             rows, self._rows = self._rows, None
             return rows
+
+
+def _shifted(key: Any, shape: tuple[int, ...], region: Box) -> Box:
+    """``key`` (a box of an array of ``shape``, the size of ``region``) as a box of the whole."""
+    keys = key if isinstance(key, tuple) else (key,)
+    box = normalise_box(keys + (slice(None),) * (len(shape) - len(keys)), shape)
+    return tuple(
+        slice(b.start + r.start, b.stop + r.start) for b, r in zip(box, region, strict=True)
+    )
+
+
+class _Placed:
+    """An output of ``region``'s shape that writes into ``out`` (the whole) at the box."""
+
+    def __init__(self, out: Any, region: Box) -> None:
+        self.out, self.region = out, region
+        self.shape = tuple(s.stop - s.start for s in region)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.out[_shifted(key, self.shape, self.region)] = value
 
 
 def record_paint(
@@ -299,6 +335,7 @@ def iter_segment_lazy(
     value_range: tuple[NDArray, NDArray] | None = None,
     uncertainty: bool = False,
     lock: threading.Lock | None = None,
+    region: Box | None = None,
 ) -> Generator[BlockProgress, None, LazyResult]:
     """Segment a lazy one-channel volume into a chunked project, block by block.
 
@@ -316,13 +353,18 @@ def iter_segment_lazy(
         As for :func:`~napari_segtool.inference.predict.segment`.
     value_range : (lo, hi), optional
         Intensities mapped to 0 and 1; default
-        :func:`~napari_segtool.inference.blocks.subsample_range` with the model's
-        normalisation. Stored in ``state.image["value_range"]``.
+        :func:`~napari_segtool.inference.blocks.subsample_range` of the whole image (also
+        with a ``region``) with the model's normalisation. Stored in
+        ``state.image["value_range"]``.
     uncertainty : bool
         With ``config.tta``: write the normalised entropy into ``<project>/uncertainty.zarr``
-        (replaced by every run).
+        (replaced by every run; with a ``region``, 0 outside the box).
     lock : threading.Lock, optional
         Shared with :func:`record_paint` while the user may paint.
+    region : tuple of slice, optional
+        One slice per axis (step 1, open ends allowed): segment only ``image[region]`` and
+        write only that box of ``state``; every voxel outside keeps its values. Progress
+        ``rows`` are rows of the whole image.
 
     Yields
     ------
@@ -339,12 +381,14 @@ def iter_segment_lazy(
     ------
     InputError
         An image of another shape than ``state``, a model with more than one input channel,
-        labels too narrow for the model's values, or an unusable intensity range.
+        labels too narrow for the model's values, an unusable intensity range, or a
+        ``region`` that is empty, strided or not one slice per axis.
 
     Notes
     -----
     On the voxels it may write, the labels equal those of
-    :func:`~napari_segtool.inference.predict.segment` with the same ``value_range``.
+    :func:`~napari_segtool.inference.predict.segment` (of ``image[region]`` with a region)
+    with the same ``value_range``.
     Memory is that of the block engine plus one chunk of each array.
     """
     cfg = config or InferenceConfig()
@@ -358,6 +402,7 @@ def iter_segment_lazy(
         )
     if uncertainty and not cfg.tta:
         raise InputError("the uncertainty needs flip test-time augmentation (config.tta=True)")
+    box = None if region is None else normalise_box(tuple(region), shape)
     if value_range is None:
         value_range = subsample_range(image, model.normalization)
     lo, hi = (float(np.asarray(v, np.float64).reshape(-1)[0]) for v in value_range)
@@ -371,9 +416,11 @@ def iter_segment_lazy(
         unc = zarr.open_array(state.folder / UNCERTAINTY_STORE, mode="w", shape=shape,
                               chunks=state.chunks, dtype="f4", fill_value=0.0,
                               zarr_format=3)  # fmt: skip
-    out = ProtectedLabels(state, lock=lock)
+    out = ProtectedLabels(state, lock=lock, region=box)
+    unc_out = None if unc is None or box is None else _Placed(unc, box)
     blocks = iter_segment_blocks(image, model, value_range=value_range, labels_out=out,
-                                 config=cfg, uncertainty_out=unc)  # fmt: skip
+                                 config=cfg, uncertainty_out=unc_out or unc,
+                                 region=box)  # fmt: skip
     try:
         while True:
             try:

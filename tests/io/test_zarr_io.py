@@ -383,3 +383,46 @@ def test_rows_out_of_order_or_missing_are_refused(tmp_path):
             writer.commit()
     assert not (tmp_path / "r.zarr").exists()
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "spacing", "unit", "translation", "image_label"),
+    [
+        ((4, 40, 30), "ZYX", (50.0, 4.0, 4.0), "nm", None, False),
+        ((4, 40, 30), "ZYX", (3.0, 1.0, 1.0), "mm", (3.0, 10.0, 5.0), True),
+        ((40, 30), "YX", (0.5, 0.5), "um", (1.0, 2.0), True),
+        ((2, 4, 40, 30), "CZYX", (2.0, 1.0, 1.0), None, None, False),
+    ],
+)
+def test_ngff_attrs_are_what_ome_zarr_writes(
+    tmp_path, shape, axes, spacing, unit, translation, image_label
+):
+    """write_ngff_attrs skips ome-zarr's slow import; its attributes must be ome-zarr's."""
+    import warnings
+
+    from napari_segtool.io.zarr_io import OmeZarrWriter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.writer import add_metadata, write_multiscales_metadata
+
+    data = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+    with OmeZarrWriter(tmp_path / "ours.zarr", shape=shape, dtype=data.dtype, axes=axes,
+                       spacing=spacing, unit=unit, translation=translation, chunks=None,
+                       image_label=image_label) as writer:  # fmt: skip
+        writer.array[...] = data
+        axes_meta, name = writer._ome_axes, writer.path.stem
+        writer.commit()
+    ours = dict(zarr.open_group(tmp_path / "ours.zarr", mode="r").attrs)
+    theirs = zarr.open_group(tmp_path / "theirs.zarr", mode="w", zarr_format=3)
+    datasets = ours["ome"]["multiscales"][0]["datasets"]
+    write_multiscales_metadata(theirs, datasets, axes=axes_meta, name=name)
+    if image_label:
+        add_metadata(theirs, {"image-label": {"version": "0.5"}})
+    assert ours == dict(theirs.attrs)
+    # and a reader of the field opens what we wrote with its scale and translation
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    [node] = list(Reader(parse_url(str(tmp_path / "ours.zarr")))())[:1]
+    np.testing.assert_array_equal(np.asarray(node.data[0]), data)

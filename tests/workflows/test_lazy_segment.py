@@ -5,6 +5,7 @@ import pytest
 
 from napari_segtool.config import InferenceConfig, ModelConfig
 from napari_segtool.errors import InputError
+from napari_segtool.inference.blocks import subsample_range
 from napari_segtool.inference.normalize import percentile_range
 from napari_segtool.inference.predict import segment
 from napari_segtool.io.project import Project
@@ -239,3 +240,72 @@ def test_open_chunked_reopens_a_match_and_refuses_others(tmp_path):
         open_chunked(Project(project.folder), shape=(4, 8, 8), dtype="u2")
     with pytest.raises(InputError, match="does not match"):
         drain(iter_segment_lazy(np.zeros((3, 8, 8)), model, state=again))
+
+
+@pytest.mark.parametrize(("dims", "tile"), [(3, (8, 16, 16)), (2, (16, 16))])
+def test_a_region_writes_its_box_only_and_keeps_painted_voxels(tmp_path, dims, tile):
+    model = tiny(dims, tile)
+    image = volume((9, 30, 28), seed=6)
+    value_range = percentile_range(image, model.normalization)  # the whole volume's
+    box = (slice(2, 7), slice(5, 26), slice(3, 20))
+    project, state = start(tmp_path, image.shape, model)
+    state.labels[:] = 9  # e.g. an earlier run's labels: outside the box they must stay
+    state.machine[:] = 9
+    painted = (slice(3, 4), slice(6, 9), slice(4, 8))  # inside the box
+    old = state.labels[painted]
+    state.labels[painted] = 5
+    record_paint(state, [_Masked(painted, np.ones(old.shape, bool), old.reshape(-1), 5)])
+    ref = both_classes(model, image[box], CONFIG, value_range).labels
+    seen, result = drain(iter_segment_lazy(on_disk(tmp_path, image), model, state=state,
+                                           project=project, config=CONFIG,
+                                           value_range=value_range, region=box))  # fmt: skip
+    labels, machine = state.labels[:], state.machine[:]
+    inside = np.zeros(image.shape, bool)
+    inside[box] = True
+    assert (labels[~inside] == 9).all()
+    assert (machine[~inside] == 9).all()
+    assert (labels[painted] == 5).all()
+    keep = np.ones(ref.shape, bool)
+    keep[1:2, 1:4, 1:5] = False  # the painted voxels, relative to the box
+    np.testing.assert_array_equal(labels[box][keep], ref[keep])
+    np.testing.assert_array_equal(machine[box], ref)  # painted: the machine moves on
+    assert 0.1 < ref.mean() < 0.9
+    rows = [p.rows for p in seen if p.rows[0] < p.rows[1]]
+    assert min(a for a, _ in rows) == 2
+    assert max(b for _, b in rows) == 7  # rows of the whole volume
+    assert result.value_range == pytest.approx((value_range[0][0], value_range[1][0]))
+
+
+def test_a_region_of_a_2d_image_with_the_whole_images_default_range(tmp_path):
+    model = tiny(2, (16, 16))
+    image = volume((30, 28), seed=7)
+    image[:4] = 60000  # bright rows outside the box: the box's own range would differ
+    config = InferenceConfig(overlap=0.5, precision="fp32", compile="off", tta=True)
+    box = (slice(8, 30), slice(2, 19))
+    project, state = start(tmp_path, image.shape, model)
+    _, result = drain(iter_segment_lazy(image, model, state=state, project=project,
+                                        config=config, uncertainty=True,
+                                        region=box))  # fmt: skip
+    whole = subsample_range(image, model.normalization)
+    assert whole[1][0] != pytest.approx(percentile_range(image[box], model.normalization)[1][0])
+    assert result.value_range == pytest.approx((whole[0][0], whole[1][0]))
+    ref = segment(image[box], model, config=config, value_range=whole)
+    labels = state.labels[:]
+    np.testing.assert_array_equal(labels[box], ref.labels)
+    outside = np.ones(image.shape, bool)
+    outside[box] = False
+    assert (labels[outside] == 0).all()
+    unc = result.uncertainty[:]
+    np.testing.assert_allclose(unc[box], ref.uncertainty, atol=1e-5)
+    assert (unc[outside] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "region", [(slice(3, 3), slice(None), slice(None)), (slice(0, 2), slice(0, 4))]
+)
+def test_an_empty_or_short_region_is_refused(tmp_path, region):
+    model = tiny(3, (8, 16, 16))
+    image = volume((6, 20, 20))
+    _project, state = start(tmp_path, image.shape, model)
+    with pytest.raises(InputError, match="box"):
+        drain(iter_segment_lazy(image, model, state=state, config=CONFIG, region=region))
