@@ -83,7 +83,7 @@ def test_a_rectangle_on_a_lazy_image_writes_exactly_its_box(segment_widget, em, 
     shapes = viewer.add_shapes([rectangle(*corner0, *corner1)], shape_type="rectangle")
     widget._image.value = image
     widget._region.value = "Shapes rectangle"
-    assert widget._shapes.visible
+    assert not widget._shapes._explicitly_hidden  # (.visible is Qt's: False while hidden)
     widget._shapes.value = shapes
     run(qtbot, widget)
     lo, hi = to_data((0.0, *corner0), image)[1:], to_data((0.0, *corner1), image)[1:]
@@ -170,7 +170,7 @@ def test_the_field_of_view_is_the_box_the_camera_shows(segment_widget, em):
     image = viewer.add_image(em, name="cells", scale=(2.0, 0.5, 0.5), translate=(4.0, 3.0, 1.0))
     widget._image.value = image
     widget._region.value = "field of view"
-    assert not widget._shapes.visible
+    assert widget._shapes._explicitly_hidden
     viewer.dims.set_current_step(0, 3)
     viewer.camera.center = (0.0, 20.0, 30.0)
     viewer.camera.zoom = 4 * max(viewer.canvas.size) / 48  # a quarter of the image's width
