@@ -374,10 +374,10 @@ class SegmentWidget(Container):
                 "button), or draw a Shapes rectangle and choose 'Shapes rectangle'"
             )
         height, width = (float(v) for v in viewer.canvas.size)
-        zoom = float(viewer.camera.zoom)
+        zoom = float(viewer.scene.camera.zoom)
         if min(height, width) <= 0 or zoom <= 0:
             raise InputError("the canvas has no size yet: show the viewer, then segment again")
-        cy, cx = (float(v) for v in viewer.camera.center[-2:])
+        cy, cx = (float(v) for v in viewer.scene.camera.center[-2:])
         ay, ax = viewer.dims.displayed[-2:]
         point = np.asarray(viewer.dims.point, float)
         corners = []

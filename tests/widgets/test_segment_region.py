@@ -172,11 +172,11 @@ def test_the_field_of_view_is_the_box_the_camera_shows(segment_widget, em):
     widget._region.value = "field of view"
     assert widget._shapes._explicitly_hidden
     viewer.dims.set_current_step(0, 3)
-    viewer.camera.center = (0.0, 20.0, 30.0)
-    viewer.camera.zoom = 4 * max(viewer.canvas.size) / 48  # a quarter of the image's width
+    viewer.scene.camera.center = (0.0, 20.0, 30.0)
+    viewer.scene.camera.zoom = 4 * max(viewer.canvas.size) / 48  # a quarter of the image's width
     height, width = viewer.canvas.size
     assert min(height, width) > 0
-    zoom = viewer.camera.zoom
+    zoom = viewer.scene.camera.zoom
     lo = to_data((0.0, 20.0 - height / (2 * zoom), 30.0 - width / (2 * zoom)), image)
     hi = to_data((0.0, 20.0 + height / (2 * zoom), 30.0 + width / (2 * zoom)), image)
     # every voxel the canvas shows part of: voxel i covers [i - 0.5, i + 0.5]
@@ -216,8 +216,8 @@ def test_bad_regions_notify_and_run_nothing(segment_widget, em, errors, setup, m
     elif setup == "3D view":
         viewer.dims.ndisplay = 3
     elif setup == "panned away":
-        viewer.camera.center = (0.0, 500.0, 500.0)
-        viewer.camera.zoom = 10.0
+        viewer.scene.camera.center = (0.0, 500.0, 500.0)
+        viewer.scene.camera.zoom = 10.0
     assert widget.start() is None
     assert widget.worker is None
     assert message in errors[-1]
