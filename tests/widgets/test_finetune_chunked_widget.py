@@ -9,9 +9,7 @@ import zarr
 
 from napari_segtool._widgets import finetune as finetune_module
 from napari_segtool._widgets.finetune_project import same_store
-from napari_segtool._widgets.segment import write_uncertainty_layer
 from napari_segtool.io.project import ChunkedState, Project
-from napari_segtool.workflows.lazy_segment import UNCERTAINTY_STORE
 from tests.training.conftest import tiny_model
 
 SAMPLE = Path(__file__).parents[2] / "napari_segtool" / "sample_data"
@@ -69,15 +67,6 @@ def test_round_on_a_zarr_labels_layer_merges_box_by_box(chunked_setup, qtbot, er
     assert widget.state.painted[3].sum() > 0
     protected = widget.state.protected()
     before = np.asarray(widget.state.labels[:])
-    # the starting model's uncertainty, as Segment's lazy path leaves it: a layer on the store
-    old = zarr.open_array(widget.state.folder / UNCERTAINTY_STORE, mode="w",
-                          shape=before.shape, chunks=(1, 64, 64), dtype="f4",
-                          fill_value=0.0, zarr_format=3)  # fmt: skip
-    old[:] = 0.75
-    write_uncertainty_layer(viewer, "em uncertainty", old, (1.0,) * 3, (0.0,) * 3)
-    unc_layer = viewer.layers["em uncertainty"]
-    refreshed = []
-    unc_layer.events.data.connect(lambda _: refreshed.append(unc_layer.data))
     editable = []
     layer.events.editable.connect(lambda _: editable.append(layer.editable))
     assert widget.start() is not None
@@ -94,14 +83,6 @@ def test_round_on_a_zarr_labels_layer_merges_box_by_box(chunked_setup, qtbot, er
     assert np.array_equal(after[protected], before[protected])
     assert (after != before).any()  # the untouched checkerboard took the new prediction
     assert same_store(layer.data, widget.state.labels)
-    # the uncertainty layer shows the new model's map of the re-segmented boxes (the Queue
-    # follows its data event); the reviewed slices, never re-segmented, keep the old one
-    assert refreshed
-    assert unc_layer.data is refreshed[-1]
-    assert same_store(unc_layer.data, old)
-    shown = np.asarray(unc_layer.data[:])
-    assert (shown[list(REVIEWED)] == 0.75).all()
-    assert (shown[[z for z in range(8) if z not in REVIEWED]] != 0.75).any(axis=(1, 2)).all()
     # the merge's save ran in a worker: the stroke and the version are on disk
     folder = widget.project.folder
 
