@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import napari
 import napari.layers
 import numpy as np
+import zarr
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -55,7 +57,8 @@ from napari_segtool.workflows import (
     iter_resegment,
     merge_resegmentation,
 )
-from napari_segtool.workflows.correction import iter_resegment_boxes
+from napari_segtool.workflows.correction import iter_resegment_boxes, resegment_config
+from napari_segtool.workflows.lazy_segment import UNCERTAINTY_STORE
 
 logger = logging.getLogger(__name__)
 
@@ -388,9 +391,13 @@ class FinetuneWidget(ProjectSession):
         editable = bool(layer.editable) if layer is not None else True
         if layer is not None:
             layer.editable = False  # a dab and a merge of the same chunk would race
+        device, precision = str(self._device.value), str(self._precision.value)
+        # with flips the merge rewrites the boxes' uncertainty too (iter_resegment_boxes)
+        flips = resegment_config(self.state, device=device, precision=precision).tta
+        store = self.state.folder / UNCERTAINTY_STORE
         worker = create_worker(
             iter_resegment_boxes, self.project, self._image_data(), self.state.snapshot(),
-            device=str(self._device.value), precision=str(self._precision.value),
+            device=device, precision=precision,
             _connect={"yielded": self._on_box, "returned": self._merged_boxes,
                       "errored": self._on_error},
             _start_thread=False,
@@ -401,6 +408,8 @@ class FinetuneWidget(ProjectSession):
             if layer is not None and not self._closed:
                 layer.editable = editable
                 layer.refresh()
+            if flips and not self._closed:  # also after a cancel: the boxes done are new
+                self._refresh_uncertainty(store)
             if not self._closed:
                 self._dirty = True
                 self.autosave()  # the merged boxes (all, or those done before a cancel)
@@ -433,6 +442,15 @@ class FinetuneWidget(ProjectSession):
         self._dirty = True  # saved when the worker has finished
         self._status.value = f"re-segmented: {changed} untouched voxels changed"
 
+    def _refresh_uncertainty(self, store: Path) -> None:
+        """Chunked: the Image layers showing the project's uncertainty ``store`` take it
+        again (the data event re-ranks the Queue); none is added."""
+        if not store.exists():
+            return
+        for layer in list(self._viewer.layers):
+            if isinstance(layer, napari.layers.Image) and _shows(layer.data, store):
+                layer.data = zarr.open_array(store, mode="r")
+
     def _write_uncertainty(self, data: np.ndarray) -> None:
         image = self._image.value
         if image is None:
@@ -444,6 +462,17 @@ class FinetuneWidget(ProjectSession):
     # -- display ------------------------------------------------------------------------------
     def _show_versions(self, state: ProjectState | ChunkedState) -> None:
         self.versions.show_state(state)
+
+
+def _shows(data: Any, store: Path) -> bool:
+    """Whether the layer data ``data`` is the zarr array at the root of ``store`` (a folder)."""
+    if not isinstance(data, zarr.Array):
+        return False
+    try:
+        root = Path(str(data.store.root))
+    except AttributeError:  # not a local store
+        return False
+    return not data.path and root.resolve() == store.resolve()
 
 
 def _not_used(result: RoundResult) -> str:

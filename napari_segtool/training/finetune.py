@@ -558,6 +558,7 @@ def segment_box(
     value_range: tuple[Any, Any],
     inference: InferenceConfig,
     shape: Sequence[int] | None = None,
+    uncertainty_out: NDArray[np.float32] | None = None,
 ) -> NDArray:
     """The labels of ``box`` (model label values), segmented with half a tile of context.
 
@@ -565,16 +566,35 @@ def segment_box(
     :func:`tile_context`; normalised with ``value_range`` (the whole volume's, e.g.
     :func:`~napari_segtool.inference.blocks.subsample_range`), so a box is segmented as it
     would be in the whole volume up to the tiles' placement.
+
+    ``uncertainty_out`` (optional, the box's shape, written in place; needs
+    ``inference.tta``) takes the normalised entropy of the flips in the box (float32 in
+    ``[0, 1]``), from the same run as the labels: the
+    :func:`~napari_segtool.inference.blocks.iter_segment_blocks` uncertainty of the grown
+    box, cropped to ``box``.
     """
     shape = tuple(int(n) for n in (image.shape if shape is None else shape))
     box = tuple(box)
     region = context_box(box, tile_context(model, len(shape)), shape)
-    out = np.zeros(tuple(s.stop - s.start for s in region), labels_dtype(model))
-    run_to_end(iter_segment_blocks(image, model, value_range=value_range, labels_out=out,
-                                   config=inference, region=region))  # fmt: skip
     inner = tuple(
         slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region, strict=True)
     )
+    grown = tuple(s.stop - s.start for s in region)
+    unc = None
+    if uncertainty_out is not None:
+        want = tuple(s.stop - s.start for s in box)
+        if tuple(uncertainty_out.shape) != want:
+            raise InputError(
+                f"uncertainty_out has shape {tuple(uncertainty_out.shape)}, expected the "
+                f"box's {want}"
+            )
+        unc = np.zeros(grown, np.float32)  # checked for flips by the block engine
+    out = np.zeros(grown, labels_dtype(model))
+    run_to_end(iter_segment_blocks(image, model, value_range=value_range, labels_out=out,
+                                   config=inference, region=region,
+                                   uncertainty_out=unc))  # fmt: skip
+    if uncertainty_out is not None:
+        uncertainty_out[...] = unc[inner]  # type: ignore[index]
     return out[inner]
 
 

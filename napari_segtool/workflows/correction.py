@@ -25,9 +25,9 @@ lazy patches with whole boxes held out for validation
 (:func:`~napari_segtool.training.finetune.iter_finetune_boxes`), then
 :func:`iter_resegment_boxes`, which segments only the boxes holding unlabelled voxels (with
 half a tile of context) and merges each into the store before the next
-(:meth:`~napari_segtool.io.chunked_state.ChunkedState.iter_merge_untouched`); no uncertainty
-map is made. A merge must not race napari painting the same chunk: the Fine-tune widget
-stops painting on the layer while it runs.
+(:meth:`~napari_segtool.io.chunked_state.ChunkedState.iter_merge_untouched`), with the new
+model's uncertainty of those boxes when the flips are on. A merge must not race napari
+painting the same chunk: the Fine-tune widget stops painting on the layer while it runs.
 
 Every save is atomic (:meth:`~napari_segtool.io.project.Project.save`). A round cancelled
 while it trains leaves the model files and ``state.npz`` byte-identical; one cancelled while
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import zarr
 from numpy.typing import NDArray
 
 from napari_segtool.active_learning import voxel_uncertainty
@@ -67,6 +68,7 @@ from napari_segtool.training.finetune import (
     split_labelled_boxes,
 )
 from napari_segtool.training.versions import current_model, record_round, training_data
+from napari_segtool.workflows.lazy_segment import UNCERTAINTY_STORE
 
 logger = logging.getLogger(__name__)
 
@@ -316,11 +318,24 @@ def iter_resegment_boxes(
     the user has not worked before the next box is read; labelled voxels are never written,
     and boxes without an unlabelled voxel are neither segmented nor written.
 
+    With flips (:func:`resegment_config`: as Segment recorded them, on when none are), the
+    same run gives the normalised entropy of each box it segments, written whole into
+    ``<project>/uncertainty.zarr`` (:func:`resegment_uncertainty`) right after the box's
+    labels, so the Queue ranks by the model whose labels are shown. The boxes left out keep
+    the map they had: the previous model's (the one the user corrected there), or 0 where
+    this call made the store. Those boxes are fully labelled: their slices reviewed (the
+    Queue leaves reviewed slices out, so a stale value there is never ranked) or their
+    voxels painted; the Queue scores every voxel of a unit, labelled or not, so a painted
+    box in a slice not reviewed (or a tile of a 2D image, where nothing is left out) still
+    adds its old uncertainty to its unit's score. Without flips the map is left as it was:
+    the recorded settings must be reused so the labels do not drift, and a run without flips
+    has no uncertainty (any store there is from an earlier Segment run with flips).
+
     Yields
     ------
     Progress
         Boxes done out of the boxes to do; closing the generator stops after the current box
-        (the boxes done stay merged, the rest as they were).
+        (the boxes done stay merged, their uncertainty written, the rest as they were).
 
     Returns
     -------
@@ -344,12 +359,49 @@ def iter_resegment_boxes(
     else:
         value_range = subsample_range(image, model.normalization)
 
+    store = resegment_uncertainty(state) if inference.tta else None
+    pending: list[tuple[tuple[slice, ...], NDArray[np.float32]]] = []
+
     def predict(box: tuple[slice, ...]) -> NDArray:
-        return segment_box(image, model, box, value_range=value_range, inference=inference,
-                           shape=state.shape)  # fmt: skip
+        unc = None
+        if store is not None:
+            unc = np.zeros(tuple(s.stop - s.start for s in box), np.float32)
+        labels = segment_box(image, model, box, value_range=value_range, inference=inference,
+                             shape=state.shape, uncertainty_out=unc)  # fmt: skip
+        if unc is not None:
+            pending.append((box, unc))  # written once the box's labels are
+        return labels
+
+    def merged(step: tuple[int, int]) -> Progress:
+        while pending:
+            box, unc = pending.pop()
+            store[box] = unc  # type: ignore[index]
+        return Progress(*step)
 
     merge = state.iter_merge_untouched(predict, block=block or resegment_block(state, model))
-    return (yield from relay(merge, lambda step: Progress(*step)))
+    return (yield from relay(merge, merged))
+
+
+def resegment_uncertainty(state: ChunkedState) -> zarr.Array:
+    """The project's uncertainty store (``<project>/uncertainty.zarr``) to write boxes into.
+
+    The store Segment wrote when it has the labels' shape and holds float32; otherwise (none,
+    another shape or dtype, or unreadable: it is a map derived from the model, not the
+    user's work) a new one of the labels' shape and chunks, float32, 0 where nothing wrote.
+    """
+    path = state.folder / UNCERTAINTY_STORE
+    if path.exists():
+        try:
+            unc = zarr.open_array(path, mode="r+")
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("replacing the unreadable uncertainty map %s: %s", path, exc)
+        else:
+            if tuple(unc.shape) == state.shape and unc.dtype == np.float32:
+                return unc
+            logger.warning("replacing the uncertainty map %s: %s %s, not the labels' %s "
+                           "float32", path, unc.shape, unc.dtype, state.shape)  # fmt: skip
+    return zarr.open_array(path, mode="w", shape=state.shape, chunks=state.chunks, dtype="f4",
+                           fill_value=0.0, zarr_format=3)  # fmt: skip
 
 
 def resegment_config(state: ChunkedState, *, device: str, precision: str) -> InferenceConfig:

@@ -9,7 +9,11 @@ import zarr
 
 from napari_segtool._widgets import finetune as finetune_module
 from napari_segtool._widgets.finetune_project import same_store
+from napari_segtool._widgets.segment import write_uncertainty_layer
 from napari_segtool.io.project import ChunkedState, Project
+from napari_segtool.training.versions import current_model
+from napari_segtool.workflows.correction import resegment_block
+from napari_segtool.workflows.lazy_segment import UNCERTAINTY_STORE
 from tests.training.conftest import tiny_model
 
 SAMPLE = Path(__file__).parents[2] / "napari_segtool" / "sample_data"
@@ -67,6 +71,15 @@ def test_round_on_a_zarr_labels_layer_merges_box_by_box(chunked_setup, qtbot, er
     assert widget.state.painted[3].sum() > 0
     protected = widget.state.protected()
     before = np.asarray(widget.state.labels[:])
+    # the starting model's uncertainty, as Segment's lazy path leaves it: a layer on the store
+    old = zarr.open_array(widget.state.folder / UNCERTAINTY_STORE, mode="w",
+                          shape=before.shape, chunks=(1, 64, 64), dtype="f4",
+                          fill_value=0.0, zarr_format=3)  # fmt: skip
+    old[:] = 0.75
+    write_uncertainty_layer(viewer, "em uncertainty", old, (1.0,) * 3, (0.0,) * 3)
+    unc_layer = viewer.layers["em uncertainty"]
+    refreshed = []
+    unc_layer.events.data.connect(lambda _: refreshed.append(unc_layer.data))
     editable = []
     layer.events.editable.connect(lambda _: editable.append(layer.editable))
     assert widget.start() is not None
@@ -83,6 +96,21 @@ def test_round_on_a_zarr_labels_layer_merges_box_by_box(chunked_setup, qtbot, er
     assert np.array_equal(after[protected], before[protected])
     assert (after != before).any()  # the untouched checkerboard took the new prediction
     assert same_store(layer.data, widget.state.labels)
+    # the uncertainty layer shows the model's map of the re-segmented boxes (the Queue
+    # follows its data event); boxes not re-segmented (none here: the default box is the
+    # whole 8-slice volume, which holds unlabelled voxels) keep the old one
+    assert refreshed
+    assert unc_layer.data is refreshed[-1]
+    assert same_store(unc_layer.data, old)
+    shown = np.asarray(unc_layer.data[:])
+    block = resegment_block(widget.state, current_model(widget.project, widget.state))
+    boxes = list(widget.state.unlabelled_boxes(block))
+    assert boxes
+    inside = np.zeros(shown.shape, bool)
+    for box in boxes:
+        inside[box] = True
+        assert (shown[box] != 0.75).any()
+    assert (shown[~inside] == 0.75).all()
     # the merge's save ran in a worker: the stroke and the version are on disk
     folder = widget.project.folder
 
