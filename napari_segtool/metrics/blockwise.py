@@ -5,8 +5,10 @@ Every overlap metric is a function of the confusion counts
 blocks of slices they are the whole volume's, integer for integer. So
 :func:`evaluate_blockwise` gives exactly the numbers of :func:`~napari_segtool.metrics.evaluate`
 while reading one block of each volume at a time (numpy, zarr, dask, or any array with
-``shape``, ``dtype`` and slicing along the first axis). Label ids are collected as the blocks
-come: the table grows by a row and a column for each id not seen before.
+``shape``, ``dtype`` and slicing along the first axis). The blocks are read and counted by
+:func:`~napari_segtool.metrics.tracker.iter_blocks`, the reading loop the confusion tracker
+uses too. Label ids are collected as the blocks come: the table grows by a row and a column
+for each id not seen before.
 
 Surface distances are not sums (the nearest surface voxel may lie in any block), so they are
 computed exactly, in memory, only up to :data:`DISTANCE_MAX_VOXELS`; above it, per slice.
@@ -23,10 +25,9 @@ from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
 from napari_segtool.io.memory import check_allocation
-from napari_segtool.metrics.overlap import compact_confusion, overlap_metrics
-from napari_segtool.metrics.report import DISTANCE_KEYS, SUMMARY_KEYS, evaluate
-from napari_segtool.metrics.surface import surface_metrics
-from napari_segtool.metrics.tracker import slice_confusion
+from napari_segtool.metrics.overlap import check_pair, overlap_metrics
+from napari_segtool.metrics.report import DISTANCE_KEYS, SUMMARY_KEYS, evaluate, slice_metrics
+from napari_segtool.metrics.tracker import BLOCK_VOXELS, BlockCounts, block_units, iter_blocks
 
 __all__ = [
     "BLOCK_VOXELS",
@@ -35,8 +36,6 @@ __all__ = [
     "evaluate_blockwise",
 ]
 
-#: Voxels of each volume read per block (whole slices; at least one slice).
-BLOCK_VOXELS = 1 << 23
 #: Largest volume (voxels) whose surface distances (HD, HD95, ASSD) are computed: both label
 #: volumes are then read into memory (512**3 uint8 voxels: 128 MiB each, plus the masks).
 DISTANCE_MAX_VOXELS = 512**3
@@ -45,38 +44,24 @@ Progress = Callable[[int, int], None]
 
 
 def _shape(pred: Any, ref: Any) -> tuple[int, ...]:
-    shape = tuple(int(n) for n in pred.shape)
-    if shape != tuple(int(n) for n in ref.shape):
-        raise InputError(f"prediction {shape} and reference {tuple(ref.shape)} differ in shape")
-    for name, arr in (("prediction", pred), ("reference", ref)):
-        if np.dtype(arr.dtype).kind not in "biu":
-            raise InputError(f"{name} must be an integer or boolean label image, not {arr.dtype}")
-    return shape
-
-
-def _rows(arr: Any, shape: tuple[int, ...], block_voxels: int) -> int:
-    """Slices per block: within ``block_voxels``, a multiple of the array's chunk depth."""
-    if block_voxels < 1:
-        raise InputError(f"block_voxels must be positive, got {block_voxels}")
-    rows = max(1, block_voxels // max(1, math.prod(shape[1:])))
-    chunks = getattr(arr, "chunks", None)
-    depth = chunks[0] if isinstance(chunks, tuple) and chunks else None
-    if isinstance(depth, int) and rows > depth:  # whole chunks: none decoded twice
-        rows -= rows % depth
-    return rows
+    """The pair's shape, after a check of the shapes and dtypes (no voxel read)."""
+    check_pair(pred, ref, values=False)
+    return tuple(int(n) for n in pred.shape)
 
 
 def _blocks(
-    pred: Any, ref: Any, shape: tuple[int, ...], block_voxels: int, progress: Progress | None
-) -> Iterator[tuple[int, NDArray, NDArray]]:
-    """``(a, pred[a:b], ref[a:b])`` as numpy, block by block along the first axis."""
-    rows = _rows(pred, shape, block_voxels)
-    n = shape[0] if shape else 0
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        yield a, np.asarray(pred[a:b]), np.asarray(ref[a:b])
+    pred: Any, ref: Any, *, per_slice: bool, block_voxels: int, progress: Progress | None
+) -> Iterator[tuple[NDArray, NDArray, BlockCounts]]:
+    """``(pred[a:b], ref[a:b], counts)`` block by block along the first axis.
+
+    The counts are per slice with ``per_slice``, else of the whole block (one unit).
+    """
+    n = int(pred.shape[0]) if pred.shape else 0
+    rows = 1 if per_slice else block_units(pred, block_voxels=block_voxels)
+    for p, [r], [counts] in iter_blocks(pred, [ref], rows=rows, block_voxels=block_voxels):
+        yield p, r, counts
         if progress is not None:
-            progress(b, n)
+            progress(min(counts.stop * rows, n), n)
 
 
 class _Table:
@@ -120,7 +105,7 @@ def confusion_blockwise(
         first axis, a block of whole slices at a time.
     block_voxels : int
         Voxels per block of each volume (at least one slice; rounded to whole chunks of a
-        chunked ``pred``).
+        chunked ``pred``, :func:`~napari_segtool.metrics.tracker.block_units`).
     progress : callable, optional
         ``progress(done, total)`` in slices, after each block.
 
@@ -139,29 +124,12 @@ def confusion_blockwise(
     >>> ids.tolist(), cm.tolist()
     ([0, 5, 117], [[1, 1, 0], [0, 1, 0], [0, 0, 1]])
     """
-    shape = _shape(pred, ref)
+    _shape(pred, ref)
     table = _Table()
-    for _, p, r in _blocks(pred, ref, shape, block_voxels, progress):
-        table.add(*compact_confusion(p, r))
+    blocks = _blocks(pred, ref, per_slice=False, block_voxels=block_voxels, progress=progress)
+    for _, _, counts in blocks:
+        table.add(counts.ids, counts.counts.sum(0))
     return table.ids, table.cm
-
-
-def _slice_entries(
-    p: NDArray, r: NDArray, ids: NDArray[np.int64], spacing: Sequence[float] | None
-) -> list[dict[str, object]]:
-    """Overlap metrics of each slice of a block (and distances with ``spacing`` not None)."""
-    entries = []
-    for z, cm in enumerate(slice_confusion(p, r, ids=ids)):
-        metrics = overlap_metrics(confusion=cm, ids=ids)
-        per_class = metrics.pop("per_class")
-        if spacing is not None:  # 2D distances of the slice, as evaluate's of a volume
-            found = [surface_metrics(p[z] == c, r[z] == c, spacing=spacing or None)
-                     for c in per_class]  # fmt: skip
-            for key in DISTANCE_KEYS:
-                values = [f[key] for f in found]
-                metrics[key] = float(np.mean(values)) if values else 0.0
-        entries.append(metrics)
-    return entries
 
 
 def _read_whole(pred: Any, ref: Any, shape: tuple[int, ...]) -> tuple[NDArray, NDArray]:
@@ -255,16 +223,16 @@ def evaluate_blockwise(
         if progress is not None:
             progress(shape[0], shape[0])
         return evaluate(p, r, spacing=spacing, distances=True, per_slice=per_slice)
-    plane_spacing = None
-    if slice_distances:
-        plane_spacing = () if spacing is None else tuple(spacing)[-2:]
+    plane_spacing = None if spacing is None else (tuple(spacing)[-2:] or None)
     table = _Table()
     slices: list[dict[str, object]] = []
-    for _, p, r in _blocks(pred, ref, shape, block_voxels, progress):
-        ids, cm = compact_confusion(p, r)
-        table.add(ids, cm)
+    blocks = _blocks(pred, ref, per_slice=per_slice, block_voxels=block_voxels, progress=progress)
+    for p, r, counts in blocks:
+        table.add(counts.ids, counts.counts.sum(0))
         if per_slice:
-            slices.extend(_slice_entries(p, r, ids, plane_spacing))
+            labels = (p, r) if slice_distances else None
+            slices.extend(slice_metrics(counts.counts, counts.ids, labels=labels,
+                                        spacing=plane_spacing))  # fmt: skip
     result = overlap_metrics(confusion=table.cm, ids=table.ids)
     for key in DISTANCE_KEYS:
         result[key] = None

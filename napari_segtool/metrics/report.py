@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -104,20 +104,104 @@ def evaluate(
     result = overlap_metrics(confusion=cm, ids=ids)
     per_class: dict[int, dict[str, float]] = result["per_class"]  # type: ignore[assignment]
     if distances:
+        found, means = class_distances(pred, ref, per_class, spacing=spacing)
         for c, entry in per_class.items():
-            entry.update(surface_metrics(pred == c, ref == c, spacing=spacing))
-        for key in DISTANCE_KEYS:
-            values = [entry[key] for entry in per_class.values()]
-            result[key] = float(np.mean(values)) if values else 0.0
+            entry.update(found[c])
+        result.update(means)
     else:
         for key in DISTANCE_KEYS:
             result[key] = None
     if per_slice and pred.ndim >= 3:
-        slices = slice_confusion(pred, ref, ids=ids)
-        result["per_slice"] = [
-            {k: v for k, v in overlap_metrics(confusion=s, ids=ids).items() if k != "per_class"}
-            for s in slices
-        ]
+        result["per_slice"] = slice_metrics(slice_confusion(pred, ref, ids=ids), ids)
     ordered = {k: result[k] for k in SUMMARY_KEYS}
     ordered.update({k: v for k, v in result.items() if k not in ordered})
     return ordered
+
+
+def class_distances(
+    pred: NDArray,
+    ref: NDArray,
+    classes: Iterable[int],
+    *,
+    spacing: Sequence[float] | None = None,
+) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """Surface distances of each class and their means: the distances :func:`evaluate` gives.
+
+    Parameters
+    ----------
+    pred, ref : ndarray of int
+        Label images of the same shape (a volume, or one slice of it); 0 is background.
+    classes : iterable of int
+        The label ids to measure (:func:`evaluate`: the foreground classes present in either
+        image).
+    spacing : sequence of float, optional
+        Voxel size per axis of ``pred``; distances are in its units.
+
+    Returns
+    -------
+    per_class : dict
+        Label id -> ``hd``, ``hd95`` and ``assd`` of its masks
+        (:func:`~napari_segtool.metrics.surface_metrics`: ``inf`` where one image lacks it).
+    means : dict
+        Each of :data:`DISTANCE_KEYS` -> its mean over ``classes``; 0.0 without classes.
+
+    Examples
+    --------
+    >>> pred = np.array([[0, 1, 1, 0, 0, 0, 0, 0]])
+    >>> ref = np.array([[0, 0, 0, 0, 0, 1, 1, 0]])
+    >>> class_distances(pred, ref, [1])
+    ({1: {'hd': 4.0, 'hd95': 3.95, 'assd': 3.5}}, {'hd': 4.0, 'hd95': 3.95, 'assd': 3.5})
+    >>> class_distances(pred, ref, [])
+    ({}, {'hd': 0.0, 'hd95': 0.0, 'assd': 0.0})
+    """
+    found = {c: surface_metrics(pred == c, ref == c, spacing=spacing) for c in classes}
+    means = {}
+    for key in DISTANCE_KEYS:
+        values = [entry[key] for entry in found.values()]
+        means[key] = float(np.mean(values)) if values else 0.0
+    return found, means
+
+
+def slice_metrics(
+    confusion: NDArray[np.int64],
+    ids: NDArray[np.int64],
+    *,
+    labels: tuple[NDArray, NDArray] | None = None,
+    spacing: Sequence[float] | None = None,
+) -> list[dict[str, object]]:
+    """The ``per_slice`` entries of :func:`evaluate`, from the counts of each slice.
+
+    Parameters
+    ----------
+    confusion : ndarray of int64, shape (Z, k, k)
+        Counts per slice along Z (:func:`~napari_segtool.metrics.slice_confusion`).
+    ids : ndarray of int64, shape (k,)
+        The sorted label ids of the rows and columns.
+    labels : tuple of two ndarrays of int, optional
+        ``(pred, ref)``: the same ``Z`` slices of both label images. With them each entry
+        also gets the slice's own 2D ``hd``, ``hd95`` and ``assd`` (:func:`class_distances`
+        of the slice's classes).
+    spacing : sequence of float, optional
+        In-plane voxel size ``(y, x)`` of those distances.
+
+    Returns
+    -------
+    list of dict
+        One per slice: the keys of :func:`~napari_segtool.metrics.overlap_metrics` but
+        ``per_class`` (then the distances, with ``labels``).
+
+    Examples
+    --------
+    >>> cm = np.array([[[2, 0], [0, 2]], [[3, 1], [0, 0]]])
+    >>> [round(e["dice"], 3) for e in slice_metrics(cm, np.array([0, 1]))]
+    [1.0, 0.0]
+    """
+    entries = []
+    for z, cm in enumerate(confusion):
+        entry = overlap_metrics(confusion=cm, ids=ids)
+        per_class: dict[int, object] = entry.pop("per_class")  # type: ignore[assignment]
+        if labels is not None:  # 2D distances of the slice, as evaluate's of a volume
+            pred, ref = labels
+            entry.update(class_distances(pred[z], ref[z], per_class, spacing=spacing)[1])
+        entries.append(entry)
+    return entries

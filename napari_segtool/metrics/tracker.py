@@ -5,8 +5,9 @@ thousand voxels. :class:`ConfusionTracker` updates its counts from the changed v
 (their old and new values, read from napari's paint-event history atoms), in time
 proportional to the change, and gives exactly the counts a full recount would.
 
-Counting reads the pair block by block along axis 0 (:func:`iter_block_counts`): a few slices
-of a stack, or a band of rows of a 2D image, at a time, each block read once as
+Counting reads the pair block by block along axis 0 (:func:`iter_blocks`, the one reading
+loop of the package's blockwise counts, also under :mod:`~napari_segtool.metrics.blockwise`):
+a few slices of a stack, or a band of rows of a 2D image, at a time, each block read once as
 ``np.asarray(arr[a:b])``. numpy, zarr and dask arrays are counted alike, with memory bounded by
 a block whatever the volume's size, and the label ids that occur are found block by block too.
 The counts are kept per *unit* (a slice of a stack; a band of ``band_rows`` rows of a 2D
@@ -37,8 +38,8 @@ from napari_segtool.metrics.overlap import (
 
 Which = Literal["pred", "ref"]
 
-#: Voxels read per array and block when counting (or scoring) a volume blockwise: 16 MiB of
-#: uint8 labels. Blocks also follow the arrays' chunks along axis 0 where they can.
+#: Voxels read per array and block when counting, evaluating or scoring a volume blockwise:
+#: 16 MiB of uint8 labels. Blocks also follow the arrays' chunks along axis 0 where they can.
 BLOCK_VOXELS = 1 << 24
 
 _COUNT_CHUNK = 1 << 20  # voxels per bincount: short numpy calls leave the UI thread its GIL turns
@@ -132,9 +133,38 @@ def unit_rows(shape: Sequence[int], band_rows: int | None = None) -> int:
 
 
 def _n_units(shape: Sequence[int], rows: int) -> int:
-    if len(shape) >= 3:
-        return int(shape[0])
-    return max(1, -(-int(shape[0]) // rows))  # a 2D image is at least one (maybe empty) unit
+    """Units of ``rows`` rows along axis 0; a 2D image is at least one (maybe empty) unit."""
+    n = -(-int(shape[0]) // rows)
+    return n if len(shape) >= 3 else max(1, n)
+
+
+def block_units(arr: Any, rows: int = 1, *, block_voxels: int = BLOCK_VOXELS) -> int:
+    """Units of ``rows`` rows along axis 0 read per block of ``arr``.
+
+    As many as fit in ``block_voxels`` voxels, at least one; rounded down to whole chunks of
+    a zarr or dask ``arr`` along axis 0 where a chunk fits, so that no chunk is decoded twice.
+    With ``rows=1`` it is the rows (slices of a stack) per block.
+
+    Raises
+    ------
+    InputError
+        If ``block_voxels`` is not positive.
+
+    Examples
+    --------
+    >>> block_units(np.zeros((100, 10, 10)), block_voxels=3000)
+    30
+    >>> block_units(np.zeros((100, 10)), 4, block_voxels=3000)
+    75
+    """
+    if block_voxels < 1:
+        raise InputError(f"block_voxels must be positive, got {block_voxels}")
+    plane = int(np.prod(tuple(arr.shape)[1:], dtype=np.int64))
+    per = max(1, int(block_voxels) // max(rows * plane, 1))
+    chunk = _chunk_rows(arr)
+    if chunk and chunk % rows == 0 and per >= chunk // rows:
+        per -= per % (chunk // rows)  # whole chunks: none is decoded twice
+    return per
 
 
 def _runs(units: NDArray[np.int64], per: int) -> Iterator[tuple[int, int]]:
@@ -152,14 +182,19 @@ def _runs(units: NDArray[np.int64], per: int) -> Iterator[tuple[int, int]]:
 
 
 def _unit_counts(
-    p: NDArray, r: NDArray, ids: NDArray[np.int64], rows: int, *, stack: bool
+    p: NDArray, r: NDArray, ids: NDArray[np.int64], rows: int, n: int
 ) -> NDArray[np.int64]:
-    """Counts ``C[u, ref, pred]`` of the units of one block (``rows`` rows each)."""
+    """Counts ``C[u, ref, pred]`` of the ``n`` units of one block (``rows`` rows each)."""
     k = int(ids.size)
-    n = p.shape[0] if stack else max(1, -(-p.shape[0] // rows))
+    check_allocation(
+        n * k * k * 8,
+        what=f"confusion counts of {n} units x {k} x {k} label ids",
+        hint="read smaller blocks (block_voxels); for instance labels (one id per object) use "
+        "napari_segtool.metrics.instance_metrics",
+    )
     out = np.zeros((n, k, k), np.int64)
     for u in range(n):
-        key = slice(u, u + 1) if stack else slice(u * rows, (u + 1) * rows)
+        key = slice(u * rows, (u + 1) * rows)
         pf, rf = p[key].reshape(-1), r[key].reshape(-1)
         for c in range(0, pf.size, _COUNT_CHUNK):
             flat = label_index(rf[c : c + _COUNT_CHUNK], ids) * k
@@ -175,7 +210,8 @@ class BlockCounts:
     Attributes
     ----------
     start, stop : int
-        The units counted (slices of a stack, bands of rows of a 2D image).
+        The units counted (slices of a stack, bands of rows of a 2D image; in
+        :func:`iter_blocks`, runs of ``rows`` rows along axis 0).
     ids : ndarray of int64
         Sorted label ids that occur in the block, 0 first: the rows and columns of ``counts``.
     counts : ndarray of int64, shape (stop - start, len(ids), len(ids))
@@ -252,6 +288,96 @@ class EditStamps:
         return (started == finished) & (self._started[block.start : block.stop] == started)
 
 
+def iter_blocks(
+    pred: Any,
+    refs: Sequence[Any],
+    *,
+    rows: int = 1,
+    units: Iterable[int] | None = None,
+    block_voxels: int = BLOCK_VOXELS,
+    stamps: EditStamps | None = None,
+) -> Iterator[tuple[NDArray, list[NDArray], list[BlockCounts]]]:
+    """Read ``pred`` and ``refs`` block by block along axis 0 and count each unit of a block.
+
+    The one reading loop of the blockwise counts: :func:`iter_block_counts` (the tracker and
+    the Review widget) and :mod:`~napari_segtool.metrics.blockwise` run it. A unit is ``rows``
+    rows along axis 0; a block is a run of consecutive units within ``block_voxels`` voxels of
+    each array, in whole chunks where they fit (:func:`block_units`), read once per array.
+
+    Parameters
+    ----------
+    pred : array of int or bool
+        numpy, zarr, dask, or any array with ``shape``, ``dtype`` and slicing along axis 0;
+        read only as ``np.asarray(pred[a:b])``, once per block.
+    refs : sequence of arrays
+        References of the same shape; each block of ``pred`` is read once for all of them.
+    rows : int
+        Rows along axis 0 per unit: 1 counts each slice of a stack (or row of a 2D image) on
+        its own; :func:`block_units` ``(pred)`` makes each block one unit.
+    units : iterable of int, optional
+        The units to count, default all (``ceil(len / rows)``; a 2D image has at least one).
+    block_voxels : int
+        Voxels per array and block (at least one unit is read at a time).
+    stamps : EditStamps, optional
+        Snapshot taken just before each block is read, into each :attr:`BlockCounts.token`.
+
+    Yields
+    ------
+    p : ndarray
+        ``pred[a:b]``, the rows of the block's units, in memory.
+    rs : list of ndarray
+        ``ref[a:b]`` of each reference.
+    counts : list of BlockCounts
+        The counts of the block's units against each reference.
+
+    Raises
+    ------
+    InputError
+        For arrays of different shapes or non-integer dtypes, a block with a negative label
+        (checked as it is read), ``rows`` or ``block_voxels`` below 1, or a unit out of
+        range.
+
+    Examples
+    --------
+    >>> pred = np.array([[0, 1], [1, 1], [2, 0]])
+    >>> [(len(p), b.counts.tolist()) for p, _, [b] in
+    ...  iter_blocks(pred, [np.ones_like(pred)], rows=2, block_voxels=4)]
+    [(2, [[[0, 0], [1, 3]]]), (1, [[[0, 0, 0], [1, 0, 1], [0, 0, 0]]])]
+    """
+    if not refs:
+        raise InputError("iter_blocks needs at least one reference")
+    for ref in refs:
+        check_pair(pred, ref, values=False)
+    shape = tuple(int(s) for s in pred.shape)
+    if not shape:
+        raise InputError("a label image needs at least one axis")
+    if rows < 1:
+        raise InputError(f"rows must be at least 1, got {rows}")
+    n_units = _n_units(shape, rows)
+    if units is None:
+        todo = np.arange(n_units, dtype=np.int64)
+    else:
+        todo = np.unique(np.fromiter((int(u) for u in units), np.int64))
+        if todo.size and (todo[0] < 0 or todo[-1] >= n_units):
+            raise InputError(f"units {todo[0]}..{todo[-1]} are outside 0..{n_units - 1}")
+    per = block_units(pred, rows, block_voxels=block_voxels)
+    for start, stop in _runs(todo, per):
+        token = stamps.snapshot(start, stop) if stamps is not None else None
+        a, b = start * rows, min(stop * rows, shape[0])
+        p = np.asarray(pred[a:b])
+        rs: list[NDArray] = []
+        out: list[BlockCounts] = []
+        for ref in refs:
+            r = np.asarray(ref[a:b])
+            check_pair(p, r)  # the values of this block
+            ids = label_ids(p, r)
+            counts = _unit_counts(p, r, ids, rows, stop - start)
+            rs.append(r)
+            out.append(BlockCounts(start, stop, ids, counts, token))
+        yield p, rs, out
+        del p, r, rs, out  # not held here while the next block is read
+
+
 def iter_block_counts(
     pred: Any,
     refs: Sequence[Any],
@@ -292,7 +418,7 @@ def iter_block_counts(
     ------
     InputError
         For arrays of different shapes or non-integer dtypes, a block with a negative label
-        (checked as it is read), or a unit out of range.
+        (checked as it is read), ``block_voxels`` below 1, or a unit out of range.
 
     Examples
     --------
@@ -303,35 +429,12 @@ def iter_block_counts(
     """
     if not refs:
         raise InputError("iter_block_counts needs at least one reference")
-    for ref in refs:
-        check_pair(pred, ref, values=False)
-    shape = tuple(int(s) for s in pred.shape)
-    rows = unit_rows(shape, band_rows)
-    stack = len(shape) >= 3
-    n_units = _n_units(shape, rows)
-    if units is None:
-        todo = np.arange(n_units, dtype=np.int64)
-    else:
-        todo = np.unique(np.fromiter((int(u) for u in units), np.int64))
-        if todo.size and (todo[0] < 0 or todo[-1] >= n_units):
-            raise InputError(f"units {todo[0]}..{todo[-1]} are outside 0..{n_units - 1}")
-    plane = int(np.prod(shape[1:], dtype=np.int64))
-    per = max(1, int(block_voxels) // max(rows * plane, 1))
-    chunk = _chunk_rows(pred)
-    if chunk and chunk % rows == 0 and per >= chunk // rows:
-        per -= per % (chunk // rows)  # whole chunks: none is decoded twice
-    for start, stop in _runs(todo, per):
-        token = stamps.snapshot(start, stop) if stamps is not None else None
-        a, b = start * rows, min(stop * rows, shape[0])
-        p = np.asarray(pred[a:b])
-        out = []
-        for ref in refs:
-            r = np.asarray(ref[a:b])
-            check_pair(p, r)  # the values of this block
-            ids = label_ids(p, r)
-            counts = _unit_counts(p, r, ids, rows, stack=stack)
-            out.append(BlockCounts(start, stop, ids, counts, token))
-        yield out
+    rows = unit_rows(tuple(int(s) for s in pred.shape), band_rows)
+    blocks = iter_blocks(pred, refs, rows=rows, units=units, block_voxels=block_voxels,
+                         stamps=stamps)  # fmt: skip
+    for p, rs, counted in blocks:
+        del p, rs  # only the counts leave: no block of labels is held during the next read
+        yield counted
 
 
 class ConfusionTracker:

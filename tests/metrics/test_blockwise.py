@@ -13,7 +13,7 @@ from napari_segtool.metrics import (
     evaluate,
     evaluate_blockwise,
 )
-from napari_segtool.metrics.blockwise import _rows
+from napari_segtool.metrics.tracker import block_units
 
 
 def _pair(shape, ids, seed):
@@ -131,6 +131,10 @@ def test_bad_pairs_are_refused_before_reading():
 def test_blocks_are_whole_chunks_of_a_chunked_prediction(tmp_path):
     z = zarr.create_array(tmp_path / "p.zarr", shape=(100, 10, 10), chunks=(8, 10, 10),
                           dtype="u1")  # fmt: skip
-    assert _rows(z, z.shape, 3000) == 24  # 30 slices fit: 3 whole chunks
-    assert _rows(z, z.shape, 500) == 5  # under one chunk: as many slices as fit
-    assert _rows(np.zeros((100, 10, 10)), (100, 10, 10), 3000) == 30
+    assert block_units(z, block_voxels=3000) == 24  # 30 slices fit: 3 whole chunks
+    assert block_units(z, block_voxels=500) == 5  # under one chunk: as many slices as fit
+    assert block_units(np.zeros((100, 10, 10)), block_voxels=3000) == 30
+    assert block_units(da.from_array(np.zeros((100, 10, 10)), chunks=(8, 10, 10)),
+                       block_voxels=3000) == 24  # fmt: skip
+    with pytest.raises(InputError, match="block_voxels must be positive"):
+        confusion_blockwise(z, z, block_voxels=0)

@@ -171,7 +171,9 @@ def sparse_pair(shape, seed=0):
 def as_kind(arr, kind, tmp_path, chunks):
     if kind == "numpy":
         return arr
-    z = zarr.open_array(tmp_path / f"{arr.ndim}-{id(arr)}.zarr", mode="w", shape=arr.shape,
+    # a new name per call: the id of a temporary array can come back for the next one
+    name = f"{arr.ndim}-{len(list(tmp_path.iterdir()))}.zarr"
+    z = zarr.open_array(tmp_path / name, mode="w", shape=arr.shape,
                         chunks=chunks, dtype=arr.dtype)  # fmt: skip
     z[...] = arr
     return z if kind == "zarr" else da.from_zarr(z)
