@@ -44,9 +44,13 @@ that for a box. :meth:`ChunkedState.labelled_boxes` lists the boxes that may hol
 voxels from which painted chunks exist (a directory listing, no chunk is read) and the
 reviewed slices. Voxels changed without a paint event are found there too: creating a state
 marks as painted every voxel where the starting labels differ from the machine's, the labels
-chunks written since the last save (other than by a merge) count as well, and a save marks
-as painted their voxels that differ from the machine's. Only labels written by another
-program, or by one killed before it saved, need ``labelled_boxes(scan=True)``, which reads
+chunks written since the last save count as well, and a save marks as painted their voxels
+that differ from the machine's. Two kinds of write are left out, as they make no voxel
+changed: a merge's, and one after which the labels chunk is known to hold what the machine
+prediction's chunk holds (the store keeps digests of the bytes it last wrote into each, so
+a segmentation writing both alike costs the next save no read); a later write of the chunk
+makes it count again. Only labels written by another program (or through another store
+object), or by one killed before it saved, need ``labelled_boxes(scan=True)``, which reads
 every box. :meth:`ChunkedState.unlabelled_boxes` lists the boxes holding any voxel that is
 neither painted nor reviewed: what a re-segmentation must touch.
 
@@ -65,6 +69,7 @@ while nobody paints (or a box at a time on the UI thread:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -135,6 +140,7 @@ Box = tuple[slice, ...]
 
 _CHUNK_NAME = re.compile(r"[0-9]+")
 _LABEL_CHUNKS = "labels/c/"
+_MACHINE_CHUNKS = "machine/c/"
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
 
 
@@ -143,21 +149,81 @@ _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
 
 class _Written:
     """The keys a store wrote or deleted since they were last taken, and the labels chunks
-    written since they were last looked at for changed voxels (thread-safe)."""
+    written since they were last looked at for changed voxels (thread-safe).
+
+    A labels chunk written is a *suspect* (it may hold voxels changed without a paint event)
+    unless it is known to hold what the machine prediction's chunk holds: for every chunk of
+    ``labels`` and ``machine`` the store keeps a digest of the bytes it last wrote there
+    (``b""`` for a deleted chunk, all fill value), known only once a write has finished with
+    no other write of that key under way. With :attr:`twins` (the two arrays encode alike),
+    equal digests mean equal values, so such a chunk holds no changed voxel and is not
+    returned by :meth:`suspects` or :meth:`take_suspects` (it is dropped, as looking at it
+    would find nothing). A chunk written later, by napari or anyone, changes its digest and
+    is a suspect again. The digests last until :meth:`take_suspects` (the next save).
+    """
 
     def __init__(self) -> None:
         self._keys: set[str] = set()
         self._suspects: set[str] = set()
+        self._digests: dict[str, bytes | None] = {}
+        self._busy: dict[str, int] = {}
+        self._clashed: set[str] = set()
         self._lock = threading.Lock()
+        #: Whether ``labels`` and ``machine`` encode equal values to equal bytes and back (one
+        #: data type, codecs, fill value): only then are their chunks compared by digest.
+        self.twins = False
         #: Held around every read-modify-write of the painted mask (painting, a save's
         #: marking), so a save in a worker never drops a dab painted meanwhile.
         self.painted_lock = threading.Lock()
 
-    def add(self, key: str) -> None:
+    def begin(self, key: str) -> None:
+        """A write or delete of ``key`` starts: its digest is unknown until it ends."""
+        if not _is_twin_chunk(key):
+            return
         with self._lock:
-            self._keys.add(key)
-            if key.startswith(_LABEL_CHUNKS):
-                self._suspects.add(key)
+            busy = self._busy.get(key, 0)
+            if busy:
+                self._clashed.add(key)  # which of the two lands last is unknown
+            self._busy[key] = busy + 1
+
+    def end(self, key: str, digest: bytes | None, *, done: bool = True) -> None:
+        """A write or delete of ``key`` ended (``done``: it succeeded) leaving ``digest``
+        (None: unknown)."""
+        with self._lock:
+            if _is_twin_chunk(key):
+                busy = self._busy.pop(key, 1) - 1
+                if busy > 0:
+                    self._busy[key] = busy
+                clashed = key in self._clashed
+                if busy <= 0:
+                    self._clashed.discard(key)
+                self._digests[key] = None if clashed or not done else digest
+            if done:
+                self._keys.add(key)
+                if key.startswith(_LABEL_CHUNKS):
+                    self._suspects.add(key)
+
+    def add(self, key: str) -> None:
+        """``key`` was written with contents unknown (a suspect if a labels chunk)."""
+        self.begin(key)
+        self.end(key, None)
+
+    def forget(self, prefix: str) -> None:
+        """Every key under ``prefix`` was removed by other means: digests unknown."""
+        with self._lock:
+            for key in [k for k in self._digests if k.startswith(prefix)]:
+                self._digests[key] = None
+            self._clashed.update(k for k in self._busy if k.startswith(prefix))
+
+    def _consistent(self, key: str) -> bool:
+        """Whether labels chunk ``key`` is known to hold the machine's chunk's values."""
+        if not self.twins or not key.startswith(_LABEL_CHUNKS):
+            return False
+        twin = _MACHINE_CHUNKS + key[len(_LABEL_CHUNKS) :]
+        if key in self._busy or twin in self._busy:
+            return False
+        digest = self._digests.get(key)
+        return digest is not None and digest == self._digests.get(twin)
 
     def peek(self) -> set[str]:
         with self._lock:
@@ -165,7 +231,7 @@ class _Written:
 
     def suspects(self) -> set[str]:
         with self._lock:
-            return set(self._suspects)
+            return {k for k in self._suspects if not self._consistent(k)}
 
     def take(self) -> set[str]:
         with self._lock:
@@ -173,9 +239,13 @@ class _Written:
             return keys
 
     def take_suspects(self) -> set[str]:
+        """The suspects, forgotten here; so are the digests (memory follows the chunks
+        written between two saves; a chunk not written since is compared no more)."""
         with self._lock:
             keys, self._suspects = self._suspects, set()
-            return keys
+            taken = {k for k in keys if not self._consistent(k)}
+            self._digests.clear()  # a write still under way records its digest as it ends
+            return taken
 
     def clear_suspects(self, keys: Iterable[str]) -> None:
         with self._lock:
@@ -187,8 +257,18 @@ class _Written:
             self._suspects |= set(suspects)
 
 
+def _is_twin_chunk(key: str) -> bool:
+    return key.startswith((_LABEL_CHUNKS, _MACHINE_CHUNKS))
+
+
+def _digest(value: Any) -> bytes:
+    """A digest of a chunk's bytes (a zarr ``Buffer``); never ``b""``."""
+    return hashlib.blake2b(value.as_buffer_like(), digest_size=16).digest()
+
+
 class _TrackedStore(LocalStore):
-    """A ``LocalStore`` that remembers which keys it wrote, so a save can fsync just those."""
+    """A ``LocalStore`` that remembers which keys it wrote, so a save can fsync just those,
+    and what it wrote into the chunks of ``labels`` and ``machine`` (:class:`_Written`)."""
 
     def __init__(
         self, root: Path | str, *, read_only: bool = False, written: _Written | None = None
@@ -200,24 +280,61 @@ class _TrackedStore(LocalStore):
         return type(self)(self.root, read_only=read_only, written=self.written)
 
     async def set(self, key: str, value: Any) -> None:
-        await super().set(key, value)
-        self.written.add(key)
+        self.written.begin(key)
+        try:
+            await super().set(key, value)
+        except BaseException:
+            self.written.end(key, None, done=False)
+            raise
+        self.written.end(key, _digest(value))
 
     async def set_if_not_exists(self, key: str, value: Any) -> None:
-        await super().set_if_not_exists(key, value)
-        self.written.add(key)
+        self.written.begin(key)
+        try:
+            await super().set_if_not_exists(key, value)
+        except BaseException:
+            self.written.end(key, None, done=False)
+            raise
+        self.written.end(key, None)  # it may have been there already
 
     def set_sync(self, key: str, value: Any) -> None:
-        super().set_sync(key, value)
-        self.written.add(key)
+        self.written.begin(key)
+        try:
+            super().set_sync(key, value)
+        except BaseException:
+            self.written.end(key, None, done=False)
+            raise
+        self.written.end(key, _digest(value))
 
     async def delete(self, key: str) -> None:
-        await super().delete(key)
-        self.written.add(key)
+        self.written.begin(key)
+        try:
+            await super().delete(key)
+        except BaseException:
+            self.written.end(key, None, done=False)
+            raise
+        self.written.end(key, b"")
 
     def delete_sync(self, key: str) -> None:
-        super().delete_sync(key)
-        self.written.add(key)
+        self.written.begin(key)
+        try:
+            super().delete_sync(key)
+        except BaseException:
+            self.written.end(key, None, done=False)
+            raise
+        self.written.end(key, b"")
+
+    async def delete_dir(self, prefix: str) -> None:
+        try:
+            await super().delete_dir(prefix)
+        finally:
+            self.written.forget(prefix)
+
+    async def clear(self) -> None:
+        try:
+            await super().clear()
+        finally:
+            self.written.forget("")
 
 
 def open_store(store_dir: Path, *, read_only: bool = False) -> LocalStore:
@@ -347,6 +464,7 @@ class ChunkedState:
         if len({(a.shape, a.chunks) for a in arrays}) != 1:
             raise InputError("labels, machine and painted masks differ in shape or chunks")
         self.reviewed = {int(z) for z in self.reviewed}
+        self._written.twins = _same_encoding(self.labels, self.machine)
 
     # -- making and opening ---------------------------------------------------------------------
 
@@ -582,11 +700,12 @@ class ChunkedState:
         """Flush to disk the chunk files written since the last call; returns how many.
 
         :meth:`~napari_segtool.io.project.Project.save` calls it before writing the record.
-        First, labels chunks written since the last call other than by a merge (a script
-        writing into ``labels``) are compared with the machine prediction, and voxels that
-        differ are marked painted, so that :meth:`labelled_boxes` finds them from the
-        painted chunks. Files deleted since (chunks that became empty) only have their
-        folder flushed.
+        First, labels chunks written since the last call (a script writing into ``labels``)
+        are compared with the machine prediction, and voxels that differ are marked painted,
+        so that :meth:`labelled_boxes` finds them from the painted chunks; chunks written by
+        a merge, or last written with the same bytes as the machine's chunk (a
+        segmentation's), are not read (see :class:`_Written`). Files deleted since (chunks
+        that became empty) only have their folder flushed.
         """
         self._fold_changes()
         keys = self._written.take()
@@ -895,6 +1014,15 @@ def _write_changed(
             arr[part] = new[local]
             written.append(tuple(cell))
     return written
+
+
+def _same_encoding(a: zarr.Array, b: zarr.Array) -> bool:
+    """Whether ``a`` and ``b`` store equal chunks as equal bytes and read equal bytes back as
+    equal values: the same metadata but for the attributes."""
+    meta_a, meta_b = a.metadata.to_dict(), b.metadata.to_dict()
+    for meta in (meta_a, meta_b):
+        meta.pop("attributes", None)
+    return meta_a == meta_b
 
 
 def _key_index(key: str, ndim: int) -> tuple[int, ...] | None:

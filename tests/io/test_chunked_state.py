@@ -158,6 +158,109 @@ def test_labels_written_by_another_program_need_a_scan(tmp_path):
     assert scanned == plain | {(0, 32, 0)}
 
 
+def _count_chunk_reads(monkeypatch) -> list[str]:
+    """The chunk keys read through any project store from now on."""
+    reads: list[str] = []
+    real_get = chunked_state._TrackedStore.get
+
+    async def get(self, key, *args, **kwargs):
+        if "/c/" in key:
+            reads.append(key)
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(chunked_state._TrackedStore, "get", get)
+    return reads
+
+
+def _segment_by_chunks(state: ChunkedState, prediction, *, between=None) -> None:
+    """Write ``prediction`` as the block engine's writer does: per chunk, labels then machine;
+    ``between(box)`` runs between the two writes."""
+    for box in state.boxes():
+        state.labels[box] = prediction[box]
+        if between is not None:
+            between(box)
+        state.machine[box] = prediction[box]
+
+
+def test_a_segmentation_writing_labels_and_machine_alike_costs_the_save_no_read(
+    tmp_path, monkeypatch
+):
+    project = Project(tmp_path / "p.segtool")
+    state = project.create_chunked(shape=SHAPE, dtype=np.uint8, chunks=CHUNKS)
+    prediction = np.random.default_rng(1).integers(1, 3, SHAPE).astype(np.uint8)
+    prediction[2] = 0  # all fill value: those chunks are deleted, not written
+    _segment_by_chunks(state, prediction)
+    chunks = sum(1 for _ in state.boxes())  # 36 per array
+    assert sum(k.startswith("labels/c/") for k in state.pending_keys()) == chunks
+    assert state.labelled_boxes() == []  # nothing painted or reviewed, nothing changed
+    reads = _count_chunk_reads(monkeypatch)
+    project.save(state)
+    assert reads == []  # before: every labels and machine chunk, 2 * 36 reads
+    assert state.pending_keys() == set()
+    assert not project.load().painted[:].any()
+    # a paint after it (napari writes labels, here without a paint event) still folds
+    state.labels[3, 30, 30] = 0
+    reads.clear()
+    project.save(state)
+    assert sorted(reads) == ["labels/c/3/1/1", "machine/c/3/1/1", "painted/c/3/1/1"]
+    back = project.load()
+    assert back.painted_chunks() == {(3, 1, 1)}
+    assert np.argwhere(back.painted[:]).tolist() == [[3, 30, 30]]
+
+
+def test_labels_written_between_a_segmentations_two_writes_still_fold(tmp_path):
+    project = Project(tmp_path / "p.segtool")
+    state = project.create_chunked(shape=SHAPE, dtype=np.uint8, chunks=CHUNKS)
+    prediction = np.ones(SHAPE, np.uint8)
+
+    def user(box):  # the user's write lands between the labels' and the machine's
+        if box[0].start == 1 and box[1].start == 16 and box[2].start == 0:
+            state.labels[1, 20, 5] = 2
+
+    _segment_by_chunks(state, prediction, between=user)
+    state.labels[0, 0, 0] = 2  # and one after, into a chunk written alike
+    project.save(state)
+    back = project.load()
+    assert np.argwhere(back.painted[:]).tolist() == [[0, 0, 0], [1, 20, 5]]
+    assert back.labels[1, 20, 5] == 2
+
+
+def test_chunks_are_compared_only_when_known_and_encoded_alike():
+    written = chunked_state._Written()
+    key, twin = "labels/c/0/1/2", "machine/c/0/1/2"
+    for k in (key, twin):
+        written.begin(k)
+        written.end(k, b"same")
+    assert written.suspects() == {key}  # not twins: equal bytes may hold other values
+    written.twins = True
+    assert written.suspects() == set()
+    written.begin(twin)  # a write under way: unknown until it ends
+    assert written.suspects() == {key}
+    written.end(twin, b"same")
+    written.begin(key)
+    written.begin(key)  # two writes of one chunk at once: which one landed is unknown
+    written.end(key, b"same")
+    written.end(key, b"same")
+    assert written.take_suspects() == {key}
+    written.begin(key)
+    written.end(key, b"same")
+    assert written.suspects() == {key}  # a save forgets the digests: the machine's unknown
+    written.begin(twin)
+    written.end(twin, b"same")
+    assert written.suspects() == set()
+    written.forget("labels/")  # removed by other means
+    assert written.take_suspects() == {key}
+
+    def array(level):
+        return zarr.create_array(store={}, shape=(2, 4), chunks=(1, 4), dtype="u1",
+                                 compressors=[zarr.codecs.ZstdCodec(level=level)])  # fmt: skip
+
+    same = array(1)
+    same.attrs["note"] = "attributes do not matter"
+    assert chunked_state._same_encoding(array(1), same)
+    assert not chunked_state._same_encoding(array(1), array(3))
+
+
 # -- a real SIGKILL in the middle of a save ------------------------------------------------------
 
 
