@@ -27,6 +27,7 @@ from napari_segtool.cli._common import (
     tile_shape,
     write_json,
 )
+from napari_segtool.cluster.scheduler import SCHEDULER_HELP
 from napari_segtool.config import DEVICES, InferenceConfig
 from napari_segtool.errors import InputError
 
@@ -79,14 +80,16 @@ def add_parsers(sub: Any) -> None:
     defaults = InferenceConfig()
     seg = sub.add_parser("segment", help="segment an image file with a U-Net",
                          description=SEGMENT_DESCRIPTION)  # fmt: skip
-    seg.add_argument("image", type=Path, help="input image: TIFF, NIfTI, NRRD, MetaImage, a "
-                     "folder of DICOM slices (FOLDER::SERIESUID for one of several), a zarr "
-                     "array or OME-Zarr image (.zarr, read block by block); PNG/JPEG for "
-                     "2D")  # fmt: skip
+    seg.add_argument("image", type=Path, nargs="+", help="input image: TIFF, NIfTI, NRRD, "
+                     "MetaImage, a folder of DICOM slices (FOLDER::SERIESUID for one of "
+                     "several), a zarr array or OME-Zarr image (.zarr, read block by block); "
+                     "PNG/JPEG for 2D. Several images, glob patterns or a folder of images "
+                     "give one output each in the -o folder, under the input's name (.zarr "
+                     "for every input with --scheduler)")  # fmt: skip
     seg.add_argument("-o", "--output", type=Path, required=True,
                      help="labels to write: .zarr (OME-Zarr 0.5 labels, written block by "
                      "block), .tif, or .nii.gz/.nii/.nrrd/.nhdr/.mha/.mhd with the input's "
-                     "spacing, origin and direction")  # fmt: skip
+                     "spacing, origin and direction; a folder for several inputs")  # fmt: skip
     seg.add_argument(
         "-m", "--model", default="em-membranes-2d",
         help="bundled model name (see `napari-segtool models`) or a model file",
@@ -111,7 +114,18 @@ def add_parsers(sub: Any) -> None:
     seg.add_argument("--region", help=REGION_SEGMENT_HELP)
     seg.add_argument("--overwrite", action="store_true",
                      help="replace existing .zarr outputs (TIFF and medical files are "
-                     "replaced anyway)")  # fmt: skip
+                     "replaced anyway); with --scheduler, start again, not resume")  # fmt: skip
+    seg.add_argument("--scheduler", help=SCHEDULER_HELP + ". Each finished block is recorded "
+                     "in the output store; the same command again computes only the blocks "
+                     "still missing (other settings against an existing output are refused "
+                     "without --overwrite)")  # fmt: skip
+    seg.add_argument("--block-shape", type=tile_shape, default=None,
+                     help="with --scheduler: the blocks' shape Z,Y,X (whole multiples of the "
+                     "outputs' 1,256,256 chunks; default: whole planes for a 2D model, about "
+                     "32 M voxels read per block)")  # fmt: skip
+    seg.add_argument("--min-intensity", type=float, default=None,
+                     help="with --scheduler: blocks whose image stays below this value are "
+                     "background, not segmented (counted as 'empty')")  # fmt: skip
     seg.set_defaults(run=cmd_segment)
 
     ev = sub.add_parser("evaluate", help="compare a label image with a reference",
@@ -215,6 +229,36 @@ def _outputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from napari_segtool.cli.batch import expand_inputs, segment_many, segment_on_scheduler
+
+    inputs = expand_inputs(list(args.image))
+    many = len(inputs) > 1 or (len(args.image) == 1 and inputs[0] != args.image[0].resolve()
+                               and not args.image[0].is_file())  # fmt: skip
+    if args.scheduler is None and (args.block_shape is not None
+                                   or args.min_intensity is not None):  # fmt: skip
+        raise InputError("--block-shape and --min-intensity apply to --scheduler runs")
+    if args.scheduler is not None:
+        if args.uncertainty and not args.tta:
+            raise InputError("--uncertainty needs --tta (the uncertainty comes from the flips)")
+        emit(segment_on_scheduler(args, inputs, many=many, config=_config(args)))
+        return 0
+    if many:
+        emit(segment_many(args, inputs, _segment_one))
+        return 0
+    args.image = inputs[0]
+    emit(_segment_one(args))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> InferenceConfig:
+    return InferenceConfig(tile_shape=args.tile_shape, overlap=args.overlap, blend=args.blend,
+                           batch_size=args.batch_size, device=args.device,
+                           precision="fp32" if args.no_amp else args.precision,
+                           compile=args.compile, tta=args.tta)  # fmt: skip
+
+
+def _segment_one(args: argparse.Namespace) -> dict[str, object]:
+    """``segment IMAGE -o OUTPUT`` in this process: the summary."""
     from napari_segtool.inference import resolve_device
     from napari_segtool.io import read_image
     from napari_segtool.io.zarr_io import ZARR_SUFFIX, is_zarr_path
@@ -233,11 +277,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     image = read_image(args.image, lazy=lazy)
     try:
         model = load_model(args.model)
-        config = InferenceConfig(tile_shape=args.tile_shape, overlap=args.overlap,
-                                 blend=args.blend, batch_size=args.batch_size,
-                                 device=args.device,
-                                 precision="fp32" if args.no_amp else args.precision,
-                                 compile=args.compile, tta=args.tta)  # fmt: skip
+        config = _config(args)
         volume = _one_channel(args, image, model) if lazy else None
         if volume is not None:
             summary = _segment_blocks(args, image, volume, model, config)
@@ -252,8 +292,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                          config)  # fmt: skip
     finally:
         image.close()
-    emit(summary)
-    return 0
+    return summary
 
 
 def _segment_in_memory(args: argparse.Namespace, image: ImageFile, model: SegmentationModel,

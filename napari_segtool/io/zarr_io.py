@@ -511,12 +511,7 @@ class OmeZarrWriter:
         else:
             for k in range(1, len(self._levels)):
                 _subsample_into(self._levels[k], self._levels[k - 1], self._plan[k][0])
-        datasets = []
-        for k, (_, scale) in enumerate(self._plan):
-            transforms: list[dict[str, Any]] = [{"type": "scale", "scale": list(scale)}]
-            if self._shift is not None:
-                transforms.append({"type": "translation", "translation": list(self._shift)})
-            datasets.append({"path": f"s{k}", "coordinateTransformations": transforms})
+        datasets = _datasets(self._plan, self._shift)
         write_ngff_attrs(self._group, datasets, axes=self._ome_axes, name=self.path.stem,
                          image_label=self.image_label)  # fmt: skip
         tmp, self._tmp = self._tmp, None
@@ -536,6 +531,86 @@ class OmeZarrWriter:
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_ome_zarr(
+    path: str | os.PathLike[str],
+    *,
+    shape: Sequence[int],
+    dtype: Any,
+    axes: str | None = None,
+    spacing: Sequence[float] | None = None,
+    unit: str | None = None,
+    translation: Sequence[float] | None = None,
+    chunks: Sequence[int] | None = None,
+    levels: int | None = None,
+    image_label: bool = False,
+    fill_value: float = 0,
+) -> tuple[Any, list[Any], list[tuple[int, ...]]]:
+    """Create an empty OME-Zarr image (NGFF 0.5) in place, with every level and its metadata.
+
+    For writers that fill a store from several processes and may stop and resume (a
+    cluster's workers): the store is complete in structure at once, so it can be opened,
+    viewed and written into box by box; unlike :class:`OmeZarrWriter` nothing is renamed.
+    The arguments are those of :class:`OmeZarrWriter`; the path must not exist.
+
+    Returns
+    -------
+    group : zarr.Group
+    levels : list of zarr.Array
+        Level 0 first.
+    steps : list of tuple of int
+        Each level's step from level 0 (``level_k == level_0[::steps[k]]``, per axis).
+    """
+    import zarr
+
+    p = Path(path)
+    if not is_zarr_path(p):
+        raise InputError(f"{p}: an OME-Zarr output must be a folder ending in .zarr")
+    if p.exists():
+        raise InputError(f"{p}: exists; remove it or pass --overwrite")
+    shape = tuple(int(n) for n in shape)
+    axes, spacing, translation = _geometry(shape, axes, spacing, translation)
+    target = _target_chunks(shape, axes, chunks)
+    y, x = axes.index("Y"), axes.index("X")
+    n_levels = levels if levels is not None else _default_levels((shape[y], shape[x]))
+    if n_levels < 1:
+        raise InputError(f"levels {n_levels} must be at least 1")
+    plan = _level_plan(shape, axes, spacing, n_levels)
+    ome_axes = _ome_axes(axes, unit, p)
+    shift = None
+    if translation is not None:
+        it = iter(translation)
+        shift = [next(it) if a in "ZYX" else 0.0 for a in axes]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(p, mode="w-")
+    arrays, steps, total = [], [], (1,) * len(shape)
+    level_shape = shape
+    for k, (step, _) in enumerate(plan):
+        total = tuple(a * b for a, b in zip(total, step, strict=True))
+        level_shape = tuple(-(-n // s) for n, s in zip(level_shape, step, strict=True))
+        arrays.append(group.create_array(
+            f"s{k}", shape=level_shape, dtype=dtype, fill_value=fill_value,
+            chunks=tuple(min(c, n) for c, n in zip(target, level_shape, strict=True)),
+            dimension_names=[e["name"] for e in ome_axes],
+        ))  # fmt: skip
+        steps.append(total)
+    write_ngff_attrs(group, _datasets(plan, shift), axes=ome_axes, name=p.stem,
+                     image_label=image_label)  # fmt: skip
+    return group, arrays, steps
+
+
+def _datasets(
+    plan: list[tuple[tuple[int, ...], list[float]]], shift: list[float] | None
+) -> list[dict[str, Any]]:
+    """The NGFF ``datasets`` entries of a level plan: path, scale, translation."""
+    datasets = []
+    for k, (_, scale) in enumerate(plan):
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": list(scale)}]
+        if shift is not None:
+            transforms.append({"type": "translation", "translation": list(shift)})
+        datasets.append({"path": f"s{k}", "coordinateTransformations": transforms})
+    return datasets
 
 
 def _geometry(

@@ -1,0 +1,214 @@
+"""``segment`` on many inputs and on a dask cluster (``--scheduler``).
+
+Several inputs (files, glob patterns, a folder of images) give one output each in the output
+folder, under the input's name. Without ``--scheduler`` they are segmented one after the
+other in this process, each as a single ``segment`` would; with it, every box of every input
+is a task of one dask graph (:func:`napari_segtool.cluster.run.segment_on_cluster`), written
+by the workers into OME-Zarr outputs that a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+from copy import copy
+from pathlib import Path
+from typing import Any
+
+from napari_segtool.errors import InputError
+
+__all__ = ["expand_inputs", "output_name", "segment_many", "segment_on_scheduler"]
+
+
+def _image_suffix(path: Path) -> str | None:
+    """The image ending of ``path`` (``.nii.gz`` counts as one), or None."""
+    from napari_segtool.io.medical import MEDICAL_SUFFIXES
+    from napari_segtool.io.tiff import TIFF_SUFFIXES
+
+    name = path.name.lower()
+    for suffix in (".zarr", *TIFF_SUFFIXES, *MEDICAL_SUFFIXES):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return None
+
+
+def expand_inputs(values: list[Path]) -> list[Path]:
+    """Files, ``.zarr`` stores, glob patterns and folders of images, as a sorted list.
+
+    A folder that is not a ``.zarr`` store stands for the images directly in it (TIFF,
+    medical formats, ``.zarr`` stores); a folder without any (a DICOM series) is one input.
+    """
+    out: list[Path] = []
+    for value in values:
+        text = os.fspath(value)
+        if not value.exists() and any(c in text for c in "*?["):
+            hits = sorted(Path(p) for p in glob.glob(text))
+            if not hits:
+                raise InputError(f"{text}: no file matches this pattern")
+            out.extend(hits)
+        elif value.is_dir() and _image_suffix(value) != ".zarr":
+            images = sorted(p for p in value.iterdir() if _image_suffix(p) is not None
+                            and not p.name.startswith("."))  # fmt: skip
+            out.extend(images or [value])
+        else:
+            out.append(value)
+    seen: dict[str, Path] = {}
+    for p in out:
+        key = p.name
+        if key in seen and seen[key].resolve() != p.resolve():
+            raise InputError(f"{seen[key]} and {p} have the same name; their outputs would "
+                             "collide in the output folder")  # fmt: skip
+        seen[key] = p
+    unique = list(dict.fromkeys(p.resolve() for p in out))
+    if not unique:
+        raise InputError("no input image given")
+    return [Path(p) for p in unique]
+
+
+def output_name(image: Path, folder: Path, *, zarr: bool) -> Path:
+    """The output for ``image`` in ``folder``: the input's name (``.zarr`` when ``zarr``)."""
+    suffix = _image_suffix(image)
+    if zarr and suffix != ".zarr":
+        stem = image.name[: -len(suffix)] if suffix else image.name
+        return folder / f"{stem}.zarr"
+    return folder / image.name
+
+
+def _folder(path: Path, flag: str) -> Path:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: with several inputs, give a folder for the outputs")
+    if path.is_dir() and _image_suffix(path) == ".zarr":
+        raise InputError(f"{flag} {path}: with several inputs, give a folder, not a .zarr store")
+    return path
+
+
+def segment_many(args: argparse.Namespace, inputs: list[Path], run_one: Any) -> dict[str, Any]:
+    """Each input in turn, in this process, as ``segment IMAGE -o FOLDER/NAME``."""
+    keys = [k for k in ("output", "uncertainty", "probabilities") if getattr(args, k)]
+    folders = {k: _folder(getattr(args, k), f"--{k}") for k in keys}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for image in inputs:
+        one = copy(args)
+        one.image = image
+        for key, folder in folders.items():
+            setattr(one, key, output_name(image, folder, zarr=False))
+        results.append(run_one(one))
+    return {"inputs": results, "engine": "in-process", "count": len(results)}
+
+
+def segment_on_scheduler(args: argparse.Namespace, inputs: list[Path], *, many: bool,
+                         config: Any) -> dict[str, Any]:  # fmt: skip
+    """Every box of every input as tasks on the cluster named by ``--scheduler``."""
+    import sys
+
+    from napari_segtool.cluster.run import segment_on_cluster
+    from napari_segtool.cluster.scheduler import connect, parse_scheduler
+    from napari_segtool.io.zarr_io import is_zarr_path
+    from napari_segtool.model import load_model
+
+    kind, target = parse_scheduler(args.scheduler)
+    keys = [k for k in ("output", "uncertainty", "probabilities") if getattr(args, k)]
+    if not many:
+        for key in keys:
+            if not is_zarr_path(getattr(args, key)):
+                raise InputError(
+                    f"--{key} {getattr(args, key)}: with --scheduler the workers write the "
+                    "outputs block by block: name a .zarr store"
+                )
+    model = load_model(args.model)
+    cluster_inputs = [_cluster_input(args, p, keys, many, model) for p in inputs]
+    threads = None
+    if kind == "local":
+        threads = max(1, (os.cpu_count() or 1) // target)
+    with connect(args.scheduler) as client:
+        link = _dashboard(client)
+        where = link or "off (install bokeh)"
+        sys.stderr.write(f"scheduler {client.scheduler.address}; dashboard {where}\n")
+        summary = segment_on_cluster(
+            client, cluster_inputs, model, config=config, block_shape=args.block_shape,
+            overwrite=args.overwrite, min_intensity=args.min_intensity, threads=threads,
+        )  # fmt: skip
+        summary["scheduler"] = client.scheduler.address
+        summary["dashboard"] = link
+    summary["engine"] = "cluster"
+    return summary
+
+
+def _cluster_input(args: argparse.Namespace, image_path: Path, keys: list[str], many: bool,
+                   model: Any) -> Any:  # fmt: skip
+    """One input's :class:`~napari_segtool.cluster.run.ClusterInput`: its channel, region,
+    outputs and geometry."""
+    from napari_segtool.cli._common import parse_region
+    from napari_segtool.cluster.run import ClusterInput
+    from napari_segtool.cluster.tasks import ImageSpec
+    from napari_segtool.io import read_image
+
+    image = read_image(image_path, lazy=True)
+    try:
+        spec, shape = _spec(args, image_path, image, model)
+        region = None
+        if args.region is not None:
+            box = parse_region(args.region, shape)
+            region = tuple((s.start, s.stop) for s in box)
+            shape = tuple(s.stop - s.start for s in box)
+            spec = ImageSpec(spec.path, spec.channel_key, region)
+        outputs = {}
+        for key in keys:
+            target_path = getattr(args, key)
+            if many:
+                _folder(target_path, f"--{key}").mkdir(parents=True, exist_ok=True)
+                target_path = output_name(image_path, target_path, zarr=True)
+            name = "labels" if key == "output" else key
+            outputs[name] = Path(target_path)
+        spacing = tuple(image.spacing) if len(image.spacing) == len(shape) else None
+        translation = None
+        if region is not None and spacing is not None:
+            translation = tuple(a * s for (a, _), s in zip(region, spacing, strict=True))
+        return ClusterInput(spec, shape, outputs, spacing=spacing, unit=image.unit,
+                            translation=translation)  # fmt: skip
+    finally:
+        image.close()
+
+
+def _dashboard(client: Any) -> str | None:
+    """The dashboard's address, or None without one (its pages need bokeh)."""
+    from napari_segtool.cluster.scheduler import has_bokeh
+
+    if not has_bokeh():
+        return None
+    try:
+        info = client.scheduler_info()
+        if "dashboard" not in info.get("services", {}):
+            return None
+        return str(client.dashboard_link)
+    except (KeyError, AttributeError, OSError):
+        return None
+
+
+def _spec(args: argparse.Namespace, path: Path, image: Any, model: Any) -> tuple[Any, tuple]:
+    """The worker's view of one input: one channel, as ``segment``'s block engine reads it."""
+    from napari_segtool.cluster.tasks import ImageSpec
+
+    data = image.data
+    axis = args.channel_axis if args.channel_axis is not None else image.channel_axis
+    key = None
+    if args.rgb or (image.rgb and args.channel_axis is None):
+        raise InputError(f"{path}: --scheduler segments one-channel images (this one is RGB)")
+    if axis is not None:
+        if not -data.ndim <= axis < data.ndim or data.shape[axis] != 1:
+            raise InputError(f"{path}: --scheduler segments one-channel images; axis {axis} "
+                             f"holds {data.shape[axis]} channels")  # fmt: skip
+        k: list[Any] = [slice(None)] * data.ndim
+        k[axis] = 0
+        key = tuple(k)
+    shape = tuple(int(n) for i, n in enumerate(data.shape) if key is None or i != axis % data.ndim)
+    if len(shape) not in (2, 3):
+        raise InputError(f"{path}: shape {tuple(data.shape)} is not a (Z, Y, X) volume or a "
+                         "(Y, X) image")  # fmt: skip
+    if model.config.in_channels != 1:
+        raise InputError(f"model {model.name!r} takes {model.config.in_channels} channels; "
+                         "--scheduler segments one-channel images")  # fmt: skip
+    return ImageSpec(str(path), key, None), shape
