@@ -421,6 +421,7 @@ def iter_segment_lazy(
     blocks = iter_segment_blocks(image, model, value_range=value_range, labels_out=out,
                                  config=cfg, uncertainty_out=unc_out or unc,
                                  region=box)  # fmt: skip
+    total = 0
     try:
         while True:
             try:
@@ -428,10 +429,11 @@ def iter_segment_lazy(
             except StopIteration as stop:
                 execution = dict(stop.value or {})
                 break
+            total = p.total
             yield BlockProgress(p.done, p.total, out.take_rows() or (0, 0))
         rows = out.take_rows()  # the writes that finished after the last batch
         if rows is not None:
-            yield BlockProgress(p.total, p.total, rows)
+            yield BlockProgress(total, total, rows)
     finally:
         blocks.close()  # waits for a write in flight: every chunk is old or new
         if project is not None:

@@ -309,3 +309,26 @@ def test_an_empty_or_short_region_is_refused(tmp_path, region):
     _project, state = start(tmp_path, image.shape, model)
     with pytest.raises(InputError, match="box"):
         drain(iter_segment_lazy(image, model, state=state, config=CONFIG, region=region))
+
+
+def test_writes_that_finish_without_a_progress_report_still_reach_the_caller(
+    tmp_path, monkeypatch
+):
+    """A block engine that writes and returns before its first report (one small block whose
+    write finishes late) must still hand the written rows to the caller, not fail."""
+    import napari_segtool.workflows.lazy_segment as lazy
+
+    def silent(image, model, *, labels_out, **_):
+        labels_out[0:2] = np.ones((2, *image.shape[1:]), np.uint8)
+        return {"device": "cpu"}
+        yield  # a generator that never yields
+
+    monkeypatch.setattr(lazy, "iter_segment_blocks", silent)
+    model = tiny(2, (16, 16))
+    image = volume((4, 16, 16))
+    _project, state = start(tmp_path, image.shape, model)
+    seen, result = drain(iter_segment_lazy(image, model, state=state, config=CONFIG))
+    assert [(b.done, b.total) for b in seen] == [(0, 0)]
+    assert seen[0].rows == (0, 2)
+    assert result.execution == {"device": "cpu"}
+    assert (np.asarray(state.labels[0:2]) == 1).all()
