@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from napari_segtool.cli import main, segment
+from napari_segtool.cli import evaluate, main, segment
 from napari_segtool.config import InferenceConfig, ModelConfig
 from napari_segtool.inference import predict
 from napari_segtool.inference.normalize import percentile_range
@@ -356,9 +356,9 @@ def test_evaluate_refuses_distances_above_the_limit_naming_the_ways_around(
 ):
     from napari_segtool.metrics import DISTANCE_MAX_VOXELS
 
-    assert segment.DISTANCE_LIMIT == DISTANCE_MAX_VOXELS  # the --help figure is the real one
+    assert evaluate.DISTANCE_LIMIT == DISTANCE_MAX_VOXELS  # the --help figure is the real one
     paths, pred, _ = label_pair
-    monkeypatch.setattr(segment, "DISTANCE_LIMIT", pred.size - 1)
+    monkeypatch.setattr(evaluate, "DISTANCE_LIMIT", pred.size - 1)
     err = _one_line_error(capsys, "evaluate", paths["pred.zarr"], paths["ref.zarr"])
     assert f"only up to {pred.size - 1:,} voxels and these labels have {pred.size:,}" in err
     for flag in ("--no-distances", "--per-slice", "--region"):

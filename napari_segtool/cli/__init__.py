@@ -23,12 +23,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from napari_segtool.cli import convert, models, project, segment, train
+from napari_segtool.cli import convert, evaluate, models, project, segment, train
 from napari_segtool.errors import SegtoolError
 
 __all__ = ["build_parser", "main"]
 
-GROUPS = (segment, train, project, models, convert)
+GROUPS = (segment, evaluate, train, project, models, convert)
 DEBUG_HELP = "print the traceback of an error, not only its one line"
 
 

@@ -18,7 +18,15 @@ from typing import Any
 
 from napari_segtool.errors import InputError
 
-__all__ = ["expand_inputs", "output_name", "segment_many", "segment_on_scheduler"]
+__all__ = [
+    "dashboard_link",
+    "expand_inputs",
+    "image_stem",
+    "is_image_folder",
+    "output_name",
+    "segment_many",
+    "segment_on_scheduler",
+]
 
 
 def _image_suffix(path: Path) -> str | None:
@@ -31,6 +39,18 @@ def _image_suffix(path: Path) -> str | None:
         if name.endswith(suffix) and len(name) > len(suffix):
             return suffix
     return None
+
+
+def image_stem(path: Path) -> str | None:
+    """The name of ``path`` without its image ending (``a.nii.gz``: ``a``), or None when it
+    has none."""
+    suffix = _image_suffix(path)
+    return None if suffix is None else path.name[: -len(suffix)]
+
+
+def is_image_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of images (a folder that is not a ``.zarr`` store)."""
+    return path.is_dir() and _image_suffix(path) != ".zarr"
 
 
 def expand_inputs(values: list[Path]) -> list[Path]:
@@ -124,7 +144,7 @@ def segment_on_scheduler(args: argparse.Namespace, inputs: list[Path], *, many: 
     if kind == "local":
         threads = max(1, (os.cpu_count() or 1) // target)
     with connect(args.scheduler) as client:
-        link = _dashboard(client)
+        link = dashboard_link(client)
         where = link or "off (install bokeh)"
         sys.stderr.write(f"scheduler {client.scheduler.address}; dashboard {where}\n")
         summary = segment_on_cluster(
@@ -173,7 +193,7 @@ def _cluster_input(args: argparse.Namespace, image_path: Path, keys: list[str], 
         image.close()
 
 
-def _dashboard(client: Any) -> str | None:
+def dashboard_link(client: Any) -> str | None:
     """The dashboard's address, or None without one (its pages need bokeh)."""
     from napari_segtool.cluster.scheduler import has_bokeh
 

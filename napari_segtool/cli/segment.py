@@ -1,4 +1,4 @@
-"""``segment`` (tiled inference on a file) and ``evaluate`` (metrics against a reference)."""
+"""``segment``: tiled inference on a file, a folder of files, or a cluster (``--scheduler``)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,13 @@ from napari_segtool.cli._common import (
     REGION_HELP,
     TerminalProgress,
     add_precision_flag,
-    check_grid,
     check_output,
     emit,
-    finite,
     image_outputs,
     in_memory,
     logger,
     parse_region,
-    read_labels_file,
-    spacing,
     tile_shape,
-    write_json,
 )
 from napari_segtool.cluster.scheduler import SCHEDULER_HELP
 from napari_segtool.config import DEVICES, InferenceConfig
@@ -40,9 +35,6 @@ if TYPE_CHECKING:
 
 #: Voxels of the sample the block engine's normalisation range comes from (whole slices).
 SAMPLE_VOXELS = 2**22
-#: ``napari_segtool.metrics.DISTANCE_MAX_VOXELS``, written here so that ``--help`` does not
-#: import scipy; a test keeps the two equal.
-DISTANCE_LIMIT = 512**3
 #: Spatial chunk of the .zarr outputs in y and x (z: the engine's rows, see ``block_rows``).
 ZARR_CHUNK_YX = 256
 
@@ -65,18 +57,10 @@ REGION_SEGMENT_HELP = (
     "spacing, plus the input's own translation), so they overlay the image in napari; medical "
     "outputs get the box's origin; a TIFF cannot record the offset (the JSON's 'region' says it)"
 )
-EVALUATE_DESCRIPTION = (
-    "Compare a label image with a reference. The overlap metrics are accumulated block by "
-    "block from confusion counts (a .zarr store is never read whole) and equal the in-memory "
-    "numbers exactly. HD, HD95 and ASSD are computed exactly, with both volumes in memory, "
-    f"only up to {DISTANCE_LIMIT:,} voxels (DISTANCE_MAX_VOXELS, 512^3); above it, pass "
-    "--no-distances, --per-slice (each slice's 2D distances instead of the volume's) or a "
-    "--region of at most that size."
-)
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``segment`` and ``evaluate`` to the subcommands."""
+    """Add ``segment`` to the subcommands."""
     defaults = InferenceConfig()
     seg = sub.add_parser("segment", help="segment an image file with a U-Net",
                          description=SEGMENT_DESCRIPTION)  # fmt: skip
@@ -127,27 +111,6 @@ def add_parsers(sub: Any) -> None:
                      help="with --scheduler: blocks whose image stays below this value are "
                      "background, not segmented (counted as 'empty')")  # fmt: skip
     seg.set_defaults(run=cmd_segment)
-
-    ev = sub.add_parser("evaluate", help="compare a label image with a reference",
-                        description=EVALUATE_DESCRIPTION)  # fmt: skip
-    ev.add_argument("pred", type=Path, help="label image to judge (TIFF, NIfTI, NRRD, MHA, .zarr)")
-    ev.add_argument("ref", type=Path, help="reference label image (TIFF, NIfTI, NRRD, MHA, .zarr)")
-    ev.add_argument(
-        "--spacing",
-        type=spacing,
-        default=None,
-        help="voxel size Z,Y,X (default: from the reference file: TIFF metadata, or the "
-        "header of a medical image, in mm)",
-    )
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--no-distances", action="store_true",
-                    help="skip HD, HD95 and ASSD (overlap metrics only: any size)")  # fmt: skip
-    ev.add_argument("--per-slice", action="store_true",
-                    help="add overlap metrics per slice; above the distance limit also each "
-                    "slice's 2D HD, HD95 and ASSD (the volume's are then null)")  # fmt: skip
-    ev.add_argument("--region", help=f"evaluate only {REGION_HELP}, of both images")
-    ev.add_argument("-o", "--output", type=Path, help="also write the metrics to this .json file")
-    ev.set_defaults(run=cmd_evaluate)
 
 
 def _channels(args: argparse.Namespace, image: ImageFile, model: SegmentationModel):
@@ -463,134 +426,3 @@ def _block_targets(args: argparse.Namespace, stack: ExitStack, shape: tuple[int,
             done()
 
     return targets, finish
-
-
-def _print_metrics(result: dict[str, Any], unit: str) -> None:
-    unit = f" {unit}" if unit else ""
-    for key, value in result.items():
-        if key in ("per_class", "per_slice"):
-            continue
-        if key in ("region", "reference_box"):  # boxes of voxels, not figures
-            print(f"{key:<20} " + ", ".join(f"{a}:{b}" for a, b in value))  # noqa: T201
-            continue
-        if value is None:
-            print(f"{key:<20} not computed")  # noqa: T201
-            continue
-        suffix = unit if key in ("hd", "hd95", "assd") else ""
-        print(f"{key:<20} {value:.4f}{suffix}")  # noqa: T201
-    for c, entry in result["per_class"].items():
-        print(f"class {c}: dice {entry['dice']:.4f}  iou {entry['iou']:.4f}")  # noqa: T201
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from napari_segtool.io.zarr_io import RegionView
-    from napari_segtool.metrics.blockwise import evaluate_blockwise
-
-    check_output(args.output, suffixes=(".json",))
-    pred = read_labels_file(args.pred, lazy=True)
-    try:
-        ref = read_labels_file(args.ref, lazy=True)
-    except BaseException:
-        pred.close()
-        raise
-    try:
-        check_grid(ref, pred)  # medical files: the same voxels in space, not only the same shape
-        placed = _reference_box(args, pred, ref)
-        shape = tuple(s.stop - s.start for s in placed)
-        voxel = args.spacing or ref.spacing  # a medical file's spacing is in mm
-        if len(voxel) == 1:
-            voxel = voxel * ref.data.ndim
-        if len(voxel) != ref.data.ndim:
-            raise InputError(
-                f"--spacing has {len(voxel)} values for a {ref.data.ndim}D image; give one per "
-                "axis"
-            )
-        p, r = pred.data, ref.data
-        if tuple(r.shape) != shape:
-            r = RegionView(r, placed)
-        if args.region is not None:
-            region = parse_region(args.region, shape)
-            p, r = RegionView(p, region), RegionView(r, region)
-            shape = tuple(p.shape)
-        _check_distance_size(args, shape)
-        with TerminalProgress("evaluate", quiet=args.json) as bar:
-            result = evaluate_blockwise(
-                p, r, spacing=voxel, distances=not args.no_distances, per_slice=args.per_slice,
-                max_distance_voxels=DISTANCE_LIMIT,
-                progress=lambda d, t: bar.advance("slice", d, t),
-            )  # fmt: skip
-    finally:
-        pred.close()
-        ref.close()
-    if tuple(pred.data.shape) != tuple(ref.data.shape):
-        result["reference_box"] = [[s.start, s.stop] for s in placed]
-    if args.region is not None:
-        result["region"] = [[s.start, s.stop] for s in region]
-    if args.output is not None:
-        write_json(args.output, finite(result))
-    if args.json:
-        emit(result)
-    else:
-        _print_metrics(result, ref.unit)
-    return 0
-
-
-def _reference_box(args: argparse.Namespace, pred: ImageFile, ref: ImageFile) -> tuple[slice, ...]:
-    """The box of the reference the prediction is judged on: all of it, or where a
-    ``segment --region`` output lies (:func:`_placed_box`); refused otherwise."""
-    from napari_segtool.io.zarr_io import is_zarr_path
-
-    shape = tuple(int(n) for n in ref.data.shape)
-    if tuple(pred.data.shape) == shape:
-        return tuple(slice(0, n) for n in shape)
-    placed = _placed_box(pred, ref, zarr=is_zarr_path(args.pred))
-    if placed is None:
-        raise InputError(
-            f"prediction {tuple(pred.data.shape)} and reference {shape} differ in shape (a "
-            "`segment --region` output in .zarr is matched to its box of the reference by "
-            "its translation; this one has none that fits)"
-        )
-    return placed
-
-
-def _placed_box(pred: ImageFile, ref: ImageFile, *, zarr: bool) -> tuple[slice, ...] | None:
-    """The box of ``ref`` that ``pred`` covers, from their origins, or None.
-
-    A ``segment --region`` output written as ``.zarr`` carries the box's offset as its
-    translation (``origin``; none is a zero translation, as OME-Zarr has it); with the same
-    spacing, a whole number of voxels from the reference's origin and inside it, the
-    prediction is compared with that box. Other formats are never placed: a TIFF cannot
-    record an offset.
-    """
-    p_shape, r_shape = tuple(pred.data.shape), tuple(ref.data.shape)
-    if not zarr or len(p_shape) != len(r_shape):
-        return None
-    n = len(r_shape)
-    p_origin = pred.origin if pred.origin is not None else (0.0,) * n
-    spacing = tuple(float(v) for v in (ref.spacing or (1.0,) * n))
-    if len(spacing) != n or tuple(float(v) for v in (pred.spacing or (1.0,) * n)) != spacing:
-        return None
-    r_origin = ref.origin if ref.origin is not None else (0.0,) * n
-    box = []
-    for size, full, po, ro, sp in zip(p_shape, r_shape, p_origin, r_origin, spacing,
-                                      strict=True):  # fmt: skip
-        start = (float(po) - float(ro)) / sp
-        if abs(start - round(start)) > 1e-6 or round(start) < 0 or round(start) + size > full:
-            return None
-        box.append(slice(round(start), round(start) + size))
-    return tuple(box)
-
-
-def _check_distance_size(args: argparse.Namespace, shape: tuple[int, ...]) -> None:
-    """Refuse distances of a volume above :data:`DISTANCE_LIMIT` before anything is read."""
-    voxels = math.prod(shape)
-    if args.no_distances or voxels <= DISTANCE_LIMIT:
-        return
-    if args.per_slice and len(shape) == 3 and math.prod(shape[1:]) <= DISTANCE_LIMIT:
-        return  # each slice's distances instead
-    raise InputError(
-        f"{args.pred}: HD, HD95 and ASSD are computed exactly only up to {DISTANCE_LIMIT:,} "
-        f"voxels and these labels have {voxels:,}; pass --no-distances (the overlap metrics, "
-        "block by block), --per-slice (each slice's distances) or --region z0:z1,y0:y1,x0:x1 "
-        "(a box of at most that many voxels)"
-    )

@@ -74,10 +74,11 @@ def connect(value: str, *, timeout: float = 20.0) -> Iterator[Any]:
         quiet.setLevel(logging.WARNING)
     try:
         if kind == "local":
-            dashboard = ":0" if has_bokeh() else None
+            # a free port for the scheduler's HTTP server (the dashboard when bokeh is
+            # there): None would mean dask's default 8787, taken by any other cluster here
             cluster = distributed.LocalCluster(
                 n_workers=target, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=dashboard, silence_logs=logging.ERROR,
+                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
             )  # fmt: skip
             client = distributed.Client(cluster, timeout=timeout)
         elif kind == "address":

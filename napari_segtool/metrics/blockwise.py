@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,10 @@ from napari_segtool.metrics.tracker import BLOCK_VOXELS, BlockCounts, block_unit
 __all__ = [
     "BLOCK_VOXELS",
     "DISTANCE_MAX_VOXELS",
+    "PartialCounts",
+    "combine_counts",
     "confusion_blockwise",
+    "count_rows",
     "evaluate_blockwise",
 ]
 
@@ -223,6 +227,57 @@ def evaluate_blockwise(
         if progress is not None:
             progress(shape[0], shape[0])
         return evaluate(p, r, spacing=spacing, distances=True, per_slice=per_slice)
+    part = count_rows(pred, ref, per_slice=per_slice, slice_distances=slice_distances,
+                      spacing=spacing, block_voxels=block_voxels, progress=progress)  # fmt: skip
+    return combine_counts([part], per_slice=per_slice)
+
+
+@dataclass
+class PartialCounts:
+    """The counts of a run of slices, which :func:`combine_counts` sums into metrics.
+
+    Attributes
+    ----------
+    ids : ndarray of int64
+        The sorted label ids seen (0 first).
+    confusion : ndarray of int64, shape (k, k)
+        Voxels per (reference id, predicted id).
+    slices : list of dict
+        The ``per_slice`` entries of those slices, in order (empty without ``per_slice``).
+    """
+
+    ids: NDArray[np.int64]
+    confusion: NDArray[np.int64]
+    slices: list[dict[str, object]]
+
+
+def count_rows(
+    pred: Any,
+    ref: Any,
+    *,
+    per_slice: bool = False,
+    slice_distances: bool = False,
+    spacing: Sequence[float] | None = None,
+    block_voxels: int = BLOCK_VOXELS,
+    progress: Progress | None = None,
+) -> PartialCounts:
+    """The counts of two label volumes, block by block: one part of a split evaluation.
+
+    A volume cut along Z into runs of slices (each a task on a cluster) gives parts whose
+    :func:`combine_counts` equals :func:`evaluate_blockwise` of the whole without distances,
+    integer for integer. ``slice_distances`` adds each slice's 2D distances (in-plane
+    ``spacing``) to its ``per_slice`` entry.
+
+    Examples
+    --------
+    >>> pred = np.array([[[0, 1], [1, 1]], [[0, 0], [2, 2]]])
+    >>> ref = np.array([[[0, 1], [0, 1]], [[0, 0], [2, 0]]])
+    >>> parts = [count_rows(pred[:1], ref[:1]), count_rows(pred[1:], ref[1:])]
+    >>> combine_counts(parts) == evaluate_blockwise(pred, ref, distances=False)
+    True
+    """
+    _shape(pred, ref)
+    per_slice = per_slice and len(pred.shape) >= 3
     plane_spacing = None if spacing is None else (tuple(spacing)[-2:] or None)
     table = _Table()
     slices: list[dict[str, object]] = []
@@ -233,6 +288,19 @@ def evaluate_blockwise(
             labels = (p, r) if slice_distances else None
             slices.extend(slice_metrics(counts.counts, counts.ids, labels=labels,
                                         spacing=plane_spacing))  # fmt: skip
+    return PartialCounts(table.ids, table.cm, slices)
+
+
+def combine_counts(
+    parts: Sequence[PartialCounts], *, per_slice: bool = False
+) -> dict[str, object]:
+    """The metrics of :func:`evaluate_blockwise` (distances None) from the parts of the
+    volume in order along Z (:func:`count_rows`)."""
+    table = _Table()
+    slices: list[dict[str, object]] = []
+    for part in parts:
+        table.add(part.ids, part.confusion)
+        slices.extend(part.slices)
     result = overlap_metrics(confusion=table.cm, ids=table.ids)
     for key in DISTANCE_KEYS:
         result[key] = None
