@@ -169,6 +169,7 @@ def _cluster_input(args: argparse.Namespace, image_path: Path, keys: list[str], 
     image = read_image(image_path, lazy=True)
     try:
         spec, shape = _spec(args, image_path, image, model)
+        full = shape
         region = None
         if args.region is not None:
             box = parse_region(args.region, shape)
@@ -184,13 +185,82 @@ def _cluster_input(args: argparse.Namespace, image_path: Path, keys: list[str], 
             name = "labels" if key == "output" else key
             outputs[name] = Path(target_path)
         spacing = tuple(image.spacing) if len(image.spacing) == len(shape) else None
+        foreground = None
+        if args.foreground_mask is not None:
+            foreground = foreground_mask(_mask_path(args.foreground_mask, image_path, many),
+                                         full, image, region)  # fmt: skip
         translation = None
         if region is not None and spacing is not None:
             translation = tuple(a * s for (a, _), s in zip(region, spacing, strict=True))
         return ClusterInput(spec, shape, outputs, spacing=spacing, unit=image.unit,
-                            translation=translation)  # fmt: skip
+                            translation=translation, foreground=foreground)  # fmt: skip
     finally:
         image.close()
+
+
+def _mask_path(value: Path, image_path: Path, many: bool) -> Path:
+    """The mask of one input: ``value``, or with several inputs its namesake in that folder."""
+    if not many:
+        if is_image_folder(value):
+            raise InputError(f"--foreground-mask {value}: one input takes one mask file (a "
+                             "folder of masks goes with several inputs)")  # fmt: skip
+        return value
+    if not is_image_folder(value):
+        raise InputError(f"--foreground-mask {value}: with several inputs, give a folder of "
+                         "masks named as the inputs")  # fmt: skip
+    stem = image_stem(image_path)
+    found = [p for p in sorted(value.iterdir()) if image_stem(p) == stem]
+    if not found:
+        raise InputError(f"--foreground-mask {value}: no mask named {stem} (for {image_path})")
+    return found[0]
+
+
+def foreground_mask(path: Path, image_shape: tuple[int, ...], image: Any,
+                    region: Any) -> Any:  # fmt: skip
+    """The :class:`~napari_segtool.cluster.tasks.MaskSpec` of ``path`` for an input of
+    one-channel ``image_shape`` (``image`` its file, for the field of view).
+
+    The mask must have the image's spatial axes, at most its size per axis in voxels, and
+    where both files give a voxel size, the same extent (shape times spacing) to within one
+    mask voxel per axis: otherwise it does not cover the same field of view.
+    """
+    from napari_segtool.cluster.tasks import MaskSpec
+    from napari_segtool.io import read_image
+
+    mask = read_image(path, lazy=True)
+    try:
+        shape = tuple(int(n) for n in mask.data.shape)
+        if len(shape) != len(image_shape) or (mask.axes and set(mask.axes) - set("ZYX")):
+            raise InputError(f"--foreground-mask {path}: shape {shape} is not a mask of the "
+                             f"image's {len(image_shape)} spatial axes {image_shape}")  # fmt: skip
+        if any(m > n for m, n in zip(shape, image_shape, strict=True)):
+            raise InputError(f"--foreground-mask {path}: {shape} has more voxels than the image "
+                             f"{image_shape} on some axis; give it at the image's resolution "
+                             "or coarser")  # fmt: skip
+        _check_extent(path, shape, mask, image_shape, image)
+    finally:
+        mask.close()
+    offset = (0,) * len(image_shape) if region is None else tuple(a for a, _ in region)
+    return MaskSpec(str(path), tuple(image_shape), shape, offset)
+
+
+def _check_extent(path: Path, shape: tuple[int, ...], mask: Any, image_shape: tuple[int, ...],
+                  image: Any) -> None:  # fmt: skip
+    """Refuse a mask whose recorded extent differs from the image's (when both record one)."""
+    m_sp, i_sp = tuple(mask.spacing or ()), tuple(image.spacing or ())
+    if len(m_sp) != len(shape) or len(i_sp) != len(image_shape):
+        return
+    if all(v == 1.0 for v in m_sp) and shape != tuple(image_shape):
+        return  # a mask without a voxel size: its voxels are stretched to the image's
+    if mask.unit and image.unit and mask.unit != image.unit:
+        return  # different units: not comparable here
+    for axis, (m, msp, n, isp) in enumerate(zip(shape, m_sp, image_shape, i_sp, strict=True)):
+        if abs(m * msp - n * isp) > msp + 1e-6 * n * isp:
+            raise InputError(
+                f"--foreground-mask {path}: axis {axis} spans {m} x {msp:g} = {m * msp:g} but "
+                f"the image's spans {n} x {isp:g} = {n * isp:g}; the mask must cover the same "
+                "field of view"
+            )
 
 
 def dashboard_link(client: Any) -> str | None:

@@ -110,6 +110,11 @@ def add_parsers(sub: Any) -> None:
     seg.add_argument("--min-intensity", type=float, default=None,
                      help="with --scheduler: blocks whose image stays below this value are "
                      "background, not segmented (counted as 'empty')")  # fmt: skip
+    seg.add_argument("--foreground-mask", type=Path, default=None, metavar="MASK",
+                     help="with --scheduler: blocks where MASK is all zero are background, "
+                     "not segmented (counted as 'empty'). MASK covers the image's field of "
+                     "view at any resolution (e.g. a thresholded low-resolution level); with "
+                     "several inputs, a folder of masks with the inputs' names")  # fmt: skip
     seg.set_defaults(run=cmd_segment)
 
 
@@ -197,9 +202,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     inputs = expand_inputs(list(args.image))
     many = len(inputs) > 1 or (len(args.image) == 1 and inputs[0] != args.image[0].resolve()
                                and not args.image[0].is_file())  # fmt: skip
-    if args.scheduler is None and (args.block_shape is not None
-                                   or args.min_intensity is not None):  # fmt: skip
-        raise InputError("--block-shape and --min-intensity apply to --scheduler runs")
+    if args.scheduler is None and (args.block_shape is not None or args.min_intensity
+                                   is not None or args.foreground_mask is not None):  # fmt: skip
+        raise InputError("--block-shape, --min-intensity and --foreground-mask apply to "
+                         "--scheduler runs")  # fmt: skip
     if args.scheduler is not None:
         if args.uncertainty and not args.tta:
             raise InputError("--uncertainty needs --tta (the uncertainty comes from the flips)")

@@ -23,6 +23,7 @@ from napari_segtool.cluster.records import TODO, RunRecord
 from napari_segtool.cluster.tasks import (
     BoxJob,
     ImageSpec,
+    MaskSpec,
     ModelPlugin,
     model_file_bytes,
     plugin_name,
@@ -61,6 +62,7 @@ class ClusterInput:
     spacing: tuple[float, ...] | None = None
     unit: str | None = None
     translation: tuple[float, ...] | None = None
+    foreground: MaskSpec | None = None
 
 
 def _settings(inp: ClusterInput, model: Any, config: InferenceConfig,
@@ -86,7 +88,16 @@ def _settings(inp: ClusterInput, model: Any, config: InferenceConfig,
         "block_shape": list(block_shape),
         "outputs": sorted(inp.outputs),
         "min_intensity": min_intensity,
+        "foreground_mask": None if inp.foreground is None else _mask_identity(inp.foreground),
     }
+
+
+def _mask_identity(mask: MaskSpec) -> dict[str, Any]:
+    """A mask by path, shape and modification time: another mask is another run."""
+    path = Path(mask.path).resolve()
+    near = [path, *path.iterdir()] if path.is_dir() else [path]  # a store: its metadata
+    stamp = max(p.stat().st_mtime_ns for p in near)
+    return {"path": str(path), "shape": list(mask.mask_shape), "mtime_ns": stamp}
 
 
 def _model_digest(model: Any) -> str:
@@ -143,6 +154,8 @@ def segment_on_cluster(
         is resumed, and any other existing output is refused.
     min_intensity : float, optional
         Skip boxes whose image stays below this value (background, counted as ``empty``).
+        Each input's ``foreground`` mask, when it has one, skips the boxes where the mask
+        is all zero, the same way.
     sample_voxels : int
         Voxels of the sample each input's normalisation range is taken from.
     threads : int, optional
@@ -249,7 +262,7 @@ def _prepare(client: Any, inp: ClusterInput, model: Any, cfg: InferenceConfig, *
     job = BoxJob(plugin=name, image=inp.image, shape=shape, block_shape=block,
                  value_range=tuple(chosen["range"]), config=run_cfg,
                  outputs={k: str(v) for k, v in inp.outputs.items()},
-                 min_intensity=min_intensity,
+                 min_intensity=min_intensity, foreground=inp.foreground,
                  background=int((model.label_values or (0,))[0]))  # fmt: skip
     state = record.state()
     todo = [int(k) for k in np.flatnonzero(state == TODO)]

@@ -26,7 +26,15 @@ from napari_segtool.inference.boxes import Box, BoxSegmenter, block_boxes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BoxJob", "ImageSpec", "ModelPlugin", "plugin_name", "pyramid_box", "segment_box"]
+__all__ = [
+    "BoxJob",
+    "ImageSpec",
+    "MaskSpec",
+    "ModelPlugin",
+    "plugin_name",
+    "pyramid_box",
+    "segment_box",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,41 @@ class ImageSpec:
 
 
 @dataclass(frozen=True)
+class MaskSpec:
+    """A foreground mask of an input, at any resolution over the same field of view.
+
+    ``image_shape`` is the whole input's one-channel shape and ``offset`` the start of the
+    segmented region in it (zeros without a region): box coordinates are shifted by it and
+    scaled by ``mask_shape / image_shape`` per axis.
+    """
+
+    path: str
+    image_shape: tuple[int, ...]
+    mask_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    def box(self, box: Box) -> Box:
+        """The mask's voxels that overlap ``box`` of the region (every partial one too).
+
+        Examples
+        --------
+        >>> m = MaskSpec("m.tif", (100, 400), (10, 100), (0, 0))
+        >>> m.box((slice(0, 10), slice(6, 9)))
+        (slice(0, 1, None), slice(1, 3, None))
+        >>> MaskSpec("m.tif", (100, 400), (10, 100), (50, 0)).box((slice(0, 1), slice(0, 4)))
+        (slice(5, 6, None), slice(0, 1, None))
+        """
+        out = []
+        for b, n, m, off in zip(box, self.image_shape, self.mask_shape, self.offset,
+                                strict=True):  # fmt: skip
+            a, z = b.start + off, b.stop + off
+            lo = min(m - 1, (a * m) // n)
+            hi = max(lo + 1, min(m, -((-z * m) // n)))
+            out.append(slice(lo, hi))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class BoxJob:
     """One input's boxes: everything a worker needs to segment box ``i`` of it."""
 
@@ -65,6 +108,7 @@ class BoxJob:
     outputs: dict[str, str]  # "labels" / "uncertainty" / "probabilities" -> store path
     min_intensity: float | None = None
     background: int = 0
+    foreground: MaskSpec | None = None
     boxes: list[Box] = field(default_factory=list, compare=False, repr=False)
 
     def box(self, index: int) -> Box:
@@ -204,7 +248,10 @@ def segment_box(job: BoxJob, index: int) -> dict[str, Any]:
     box = job.box(index)
     image = plugin.image(job.image)
     skipped = False
-    if job.min_intensity is not None:
+    if job.foreground is not None:  # no tissue in the mask: nothing to segment
+        mask = plugin.image(ImageSpec(job.foreground.path))
+        skipped = not bool(np.any(np.asarray(mask[job.foreground.box(box)])))
+    if not skipped and job.min_intensity is not None:
         skipped = bool(np.asarray(image[box]).max() < job.min_intensity)
     if skipped:
         counts = np.zeros(record.counts.shape[1], np.int64)

@@ -115,6 +115,46 @@ def test_min_intensity_skips_empty_blocks(tmp_path, capsys, em):
     assert (labels[:, 256:] == 1).mean() > 0.1
 
 
+def test_a_coarse_foreground_mask_skips_the_blocks_without_tissue(tmp_path, capsys, volume):
+    store, ref = volume  # 12 x 512 x 512, spacing (50, 4, 4) nm: 48 blocks of 1 x 256 x 256
+    mask = np.zeros((3, 8, 8), np.uint8)  # 4 slices x 64 x 64 voxels per mask voxel
+    mask[0, 3, 4] = 1  # one voxel: slices 0-3, rows 192-255, columns 256-319
+    mask_path = write_image(tmp_path / "mask.tif", mask, spacing=(200.0, 256.0, 256.0))
+    out = tmp_path / "o.zarr"
+    got = _run(capsys, "segment", store, "-o", out, "--scheduler", "local:1", *BLOCK, *FP32,
+               "--foreground-mask", mask_path)  # fmt: skip
+    assert (got["blocks"]["computed"], got["blocks"]["empty"]) == (4, 44)
+    labels = read_zarr(out).data[...]
+    keep = (slice(0, 4), slice(0, 256), slice(256, 512))  # the blocks the voxel touches
+    np.testing.assert_array_equal(labels[keep], ref[keep])
+    outside = np.ones(labels.shape, bool)
+    outside[keep] = False
+    assert (labels[outside] == 0).all()
+    assert (ref[outside] != 0).any()  # so the skip is visible
+    # another mask is another run: refused without --overwrite
+    mask[0, 0, 0] = 1
+    write_image(mask_path, mask, spacing=(200.0, 256.0, 256.0))
+    err = _one_line_error(capsys, "segment", store, "-o", out, "--scheduler", "local:1",
+                          *BLOCK, *FP32, "--foreground-mask", mask_path)  # fmt: skip
+    assert "--overwrite" in err
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "message"),
+    [((3, 8, 8), (200.0, 128.0, 256.0), "must cover the same field of view"),
+     ((8, 8), (256.0, 256.0), "spatial axes"),
+     ((24, 8, 8), (25.0, 256.0, 256.0), "more voxels than the image")],
+)  # fmt: skip
+def test_a_mask_of_another_field_of_view_is_refused(tmp_path, capsys, volume, shape, spacing,
+                                                    message):  # fmt: skip
+    store, _ = volume
+    mask = write_image(tmp_path / "m.tif", np.ones(shape, np.uint8), spacing=spacing)
+    err = _one_line_error(capsys, "segment", store, "-o", tmp_path / "o.zarr", "--scheduler",
+                          "local:1", *FP32, "--foreground-mask", mask)  # fmt: skip
+    assert message in err
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def _segment_process(store, out, address):
     cmd = [sys.executable, "-m", "napari_segtool.cli", "segment", str(store), "-o", str(out),
            "--scheduler", address, *BLOCK, *FP32]  # fmt: skip
