@@ -15,10 +15,10 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget
 
-from napari_segtool._widgets import _gc
 from napari_segtool._widgets._closing import on_close
 from napari_segtool._widgets._dice_plot import PLOT_EVERY_MS, DicePlot
 from napari_segtool._widgets._layout import fixed_width, set_cell
+from napari_segtool._widgets._review_count import BlockwiseCount, uncounted_trackers
 from napari_segtool._widgets.roles import RoleDefault, apply_all, data_version
 from napari_segtool._widgets.segment import ORIGINAL_KEY
 from napari_segtool.errors import SegtoolError
@@ -26,15 +26,12 @@ from napari_segtool.io.paint import paint_changes
 from napari_segtool.layer_roles import PREDICTION, REFERENCE
 from napari_segtool.metrics import ConfusionTracker, evaluate
 from napari_segtool.metrics.report import DISTANCE_KEYS, METRIC, SUMMARY_KEYS
-from napari_segtool.metrics.tracker import BLOCK_VOXELS, BlockCounts, EditStamps, iter_block_counts
 
 logger = logging.getLogger(__name__)
 
 # voxels above which counting leaves the UI thread (~10 ms); zarr and dask layers always do
 RECOUNT_IN_WORKER = 2**20
 TABLE_DELAY_MS = 20  # paint events update the tables this much later, after the canvas
-ROUND_DELAY_MS = 50  # pause before reading again the slices that edits spoilt mid-read
-MAX_BANDS_2D = 256  # a 2D image counted in a worker is counted in up to this many row bands
 
 
 class ReviewWidget(Container):
@@ -68,12 +65,10 @@ class ReviewWidget(Container):
         self.effort_tracker: ConfusionTracker | None = None
         self._layers: tuple[napari.layers.Labels, napari.layers.Labels] | None = None
         self._versions: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        self._generation = 0  # of the trackers: a new pair or a full recount makes a new one
-        self._recounting = 0  # generation of the count in flight in a worker (0: none)
-        self._worker: Any = None  # the running count round
-        self._stamps: EditStamps | None = None  # edits vs. blocks read meanwhile
-        self._cancelled = False
-        self._failed = False
+        self._count = BlockwiseCount(  # a large or lazy pair's count, in a worker
+            status=self._status, progress=self._progress, button=self._count_button,
+            on_done=self._show_counts, on_error=self._on_error,
+        )  # fmt: skip
         self._workers: list[Any] = []  # distance jobs
         self._closed = False
         self._build_timers()
@@ -128,7 +123,7 @@ class ReviewWidget(Container):
         reference.events.set_data.disconnect(self._on_set_data)
         self._layers = None
         self._versions = None
-        self._stop_count()
+        self._count.stop()
         self.tracker = self.effort_tracker = None
 
     def attach(self, *_: Any) -> None:
@@ -180,7 +175,7 @@ class ReviewWidget(Container):
         pred, ref = _array(edited), _array(reference)
         baseline = self._baseline(edited)
         if not (_is_lazy(pred) or _is_lazy(ref) or pred.size > RECOUNT_IN_WORKER):
-            self._stop_count()
+            self._count.stop()
             try:
                 tracker = ConfusionTracker(pred, ref)
                 effort = ConfusionTracker(pred, baseline) if baseline is not None else None
@@ -190,186 +185,24 @@ class ReviewWidget(Container):
             self.tracker, self.effort_tracker = tracker, effort
             self._show_counts()
             return
-        units = self._moved_units(old_versions, pred, ref, baseline)
-        if units is not None and self.tracker is not None and self._stamps is not None:
-            self._stamps.touch(units)  # spoils blocks of these units read before the undo
-            self.tracker.uncount(units)
-            if self.effort_tracker is not None:
-                self.effort_tracker.uncount(units)
-            self._recounting = self._generation
-            self._start_round()
+        if self._count.recount_undone(old_versions, pred, ref, baseline):
             return
-        band = None if pred.ndim >= 3 else _band_rows(pred.shape)
         try:
-            tracker = ConfusionTracker(pred, ref, band_rows=band, count=False)
-            effort = (
-                None
-                if baseline is None
-                else ConfusionTracker(pred, baseline, band_rows=band, count=False)
-            )
+            tracker, effort = uncounted_trackers(pred, ref, baseline)
         except SegtoolError as exc:
             show_error(f"Review: {exc}")
             return
-        self._stop_count()
         self.tracker, self.effort_tracker = tracker, effort
-        self._stamps = EditStamps(tracker.n_units)
-        self._recounting = self._generation
         self._clear_tables()
-        self._start_round()
+        self._count.start(tracker, effort, self._layers)
 
-    def _moved_units(
-        self, old: Any, pred: Any, ref: Any, baseline: np.ndarray | None
-    ) -> set[int] | None:
-        """Units an undo or redo changed, when that is all that changed (else None)."""
-        tracker, effort = self.tracker, self.effort_tracker
-        if old is None or self._layers is None or tracker is None:
-            return None
-        same = (
-            tracker.pred is pred
-            and tracker.ref is ref
-            and (
-                (effort is None and baseline is None)
-                or (effort is not None and effort.ref is baseline)
-            )
-        )
-        if not same:
-            return None
-        units: set[int] = set()
-        for layer, before in zip(self._layers, old, strict=True):
-            now = data_version(layer)
-            if now == before:
-                continue
-            undo = getattr(layer, "_undo_history", None)
-            redo = getattr(layer, "_redo_history", None)
-            if len(now) < 6 or len(before) < 6 or now[:2] != before[:2] or undo is None:
-                return None  # another napari, new data, or rewritten in place
-            if now[2] == before[2] - 1 and redo:
-                item = redo[-1]  # undone
-            elif now[3] == before[3] - 1 and undo:
-                item = undo[-1]  # redone
-            else:
-                return None
-            units |= tracker.touched_units(item)
-        return units or None
-
-    # -- counting in a worker -----------------------------------------------------------------
-    def _start_round(self) -> None:
-        """Count the units not counted yet in a worker (one round; another follows if an edit
-        spoilt some of them)."""
-        tracker = self.tracker
-        if self._worker is not None or tracker is None or self._stamps is None:
-            return  # the running round starts the next one when it ends
-        pending = tracker.pending
-        if pending.size == 0:
-            self._count_done()
-            return
-        generation = self._generation
-        refs = [tracker.ref]
-        if self.effort_tracker is not None:
-            refs.append(self.effort_tracker.ref)
-        worker = create_worker(
-            iter_block_counts, tracker.pred, refs,
-            units=pending.tolist(), band_rows=tracker.band_rows, stamps=self._stamps,
-            block_voxels=BLOCK_VOXELS,
-            _connect={"yielded": lambda blocks: self._on_block(blocks, generation),
-                      "errored": lambda exc: self._on_count_error(exc, generation),
-                      "finished": lambda: self._on_round_end(generation)},
-            _start_thread=False,
-        )  # fmt: skip
-        self._worker = worker
-        self._cancelled = self._failed = False
-        self._count_button.text = "Cancel"
-        self._show_progress()
-        _gc.hold()  # no full collection of the viewer's objects while the worker allocates
-        worker.start()
-
-    def _on_block(self, blocks: list[BlockCounts], generation: int) -> None:
-        """Take a block's counts for the units no edit touched while it was read."""
-        if generation != self._generation or self.tracker is None or self._stamps is None:
-            return
-        block = blocks[0]
-        accept = self._stamps.unchanged(block)
-        staged = self._staged_units()  # a mouse stroke writes before it tells
-        if staged:
-            accept &= ~np.isin(np.arange(block.start, block.stop), sorted(staged))
-        self.tracker.put(block, accept=accept)
-        if self.effort_tracker is not None:
-            self.effort_tracker.put(blocks[1], accept=accept)
-        self._show_progress()
-
-    def _staged_units(self) -> set[int]:
-        """Units of edits napari has written but not announced yet (a stroke in progress)."""
-        units: set[int] = set()
-        if self._layers is None or self.tracker is None:
-            return units
-        for layer in self._layers:
-            staged = getattr(layer, "_staged_history", None)  # private: best effort
-            if staged:
-                units |= self.tracker.touched_units(list(staged))
-        return units
-
-    def _show_progress(self) -> None:
-        tracker = self.tracker
-        if tracker is None or self._layers is None:
-            return
-        done, total = int(tracker.counted.sum()), tracker.n_units
-        self._progress.value = round(100 * done / max(total, 1))
-        what = "slices" if tracker.pred.ndim >= 3 else "bands"
-        self._status.value = f"counting: {done} / {total} {what}"
-
-    def _on_count_error(self, exc: Exception, generation: int) -> None:
-        if generation != self._generation:
-            return
-        self._failed = True
-        self._status.value = "cannot count"
-        show_error(f"Review: {exc}")
-
-    def _on_round_end(self, generation: int) -> None:
-        _gc.release()
-        if generation != self._generation:
-            return  # a newer pair or count: this worker was dropped
-        self._worker = None
-        if self._cancelled or self._failed:
-            self._recounting = 0
-            self._idle()
-            if self._cancelled:
-                self._status.value = "count cancelled: press Recount for the numbers"
-            return
-        if self.tracker is not None and self.tracker.pending.size:
-            # edits spoilt some blocks: read those units again once the edits have settled
-            QTimer.singleShot(ROUND_DELAY_MS, lambda: self._next_round(generation))
-        else:
-            self._count_done()
-
-    def _next_round(self, generation: int) -> None:
-        if generation == self._generation and not self._closed:
-            self._start_round()
-
-    def _count_done(self) -> None:
-        for tracker in (self.tracker, self.effort_tracker):
-            if tracker is not None:
-                tracker.compact()  # ids undone meanwhile go: the ids of a fresh count
-        self._recounting = 0
-        self._idle()
-        self._show_counts()
-
-    def _idle(self) -> None:
-        if self._closed:  # the Qt side may be gone already
-            return
-        self._count_button.text = "Recount"
-
-    def _stop_count(self) -> None:
-        """Drop the count in flight (its late results are ignored) and its trackers' stamps."""
-        self._generation += 1
-        self._recounting = 0
-        self._stamps = None
-        if self._worker is not None:
-            self._worker.quit()
-            self._worker = None
-        self._idle()
+    @property
+    def _recounting(self) -> int:
+        """Generation of the count in flight in a worker (0: none); for tests and scripting."""
+        return self._count.recounting
 
     def _on_count_clicked(self, *_: Any) -> None:
-        if self._worker is not None or self._recounting:
+        if self._count.busy:
             self.cancel_count()
         else:
             self._versions = None  # nothing to compare with: count everything
@@ -377,15 +210,7 @@ class ReviewWidget(Container):
 
     def cancel_count(self) -> None:
         """Stop counting after the current block; the numbers stay blank until a recount."""
-        self._cancelled = True
-        if self._worker is not None:
-            self._status.value = "cancelling..."
-            self._worker.quit()
-        else:  # between two rounds
-            self._generation += 1
-            self._recounting = 0
-            self._idle()
-            self._status.value = "count cancelled: press Recount for the numbers"
+        self._count.cancel()
 
     def _show_counts(self) -> None:
         """A complete count: the slice table's rows, the numbers, the pair's names."""
@@ -426,13 +251,7 @@ class ReviewWidget(Container):
     def _on_paint(self, atoms: Any, which: str) -> None:
         if self._layers is None:
             return
-        stamps = self._stamps
-        if self.tracker is not None and stamps is not None and self._worker is not None:
-            # napari tells before it writes: the edit is under way until the next turn of
-            # the event loop, and a block read meanwhile is read again
-            units = self.tracker.touched_units(atoms)
-            stamps.begin(units)
-            QTimer.singleShot(0, lambda: stamps.end(units))
+        self._count.note_edit(atoms)  # a block of these units read meanwhile is read again
         if self.tracker is not None:  # counted units follow the event; the rest are read later
             self.tracker.apply_atoms(atoms, which=which)  # type: ignore[arg-type]
             if self.effort_tracker is not None and which == "pred":
@@ -578,8 +397,8 @@ class ReviewWidget(Container):
         if self._closed:
             return
         self._closed = True
+        self._count.close()
         self._detach()
-        self._stop_count()
         self._viewer.dims.events.current_step.disconnect(self._refresh_slice_column)
         self._dice_plot.stop()
         with contextlib.suppress(RuntimeError):  # the Qt side may be gone already
@@ -604,12 +423,6 @@ def _array(layer: napari.layers.Labels) -> Any:
 def _is_lazy(arr: Any) -> bool:
     """zarr, dask and other array-likes: read block by block, never as a whole."""
     return not isinstance(arr, np.ndarray)
-
-
-def _band_rows(shape: tuple[int, ...]) -> int:
-    """Rows per band of a 2D image counted in a worker: few bands, each within a block."""
-    rows, width = int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))
-    return max(1, min(-(-rows // MAX_BANDS_2D), BLOCK_VOXELS // max(width, 1)))
 
 
 def _touched(atoms: Any, tracker: ConfusionTracker) -> set[int] | None:

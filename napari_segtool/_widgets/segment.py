@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import zlib
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +29,14 @@ from qtpy.QtCore import QTimer
 
 from napari_segtool._widgets import _gc
 from napari_segtool._widgets.roles import RoleDefault, apply_all
+from napari_segtool._widgets.segment_layers import (  # other widgets import these from here
+    CHECKSUM_KEY,
+    ORIGINAL_KEY,
+    SOURCE_KEY,
+    checksum,
+    previous_outputs,
+    write_uncertainty_layer,
+)
 from napari_segtool._widgets.segment_lazy import (
     LazyDisplay,
     LazyJob,
@@ -41,12 +47,12 @@ from napari_segtool._widgets.segment_lazy import (
     level0,
     run_lazy_job,
 )
+from napari_segtool._widgets.segment_region import Box, RegionChoice, describe_region, place
 from napari_segtool.active_learning import voxel_uncertainty
 from napari_segtool.config import (
     COMPILE_MODES,
     DEVICES,
     PRECISIONS,
-    SEGMENT_REGIONS,
     SEGMENT_WIDGET_DEFAULTS,
     InferenceConfig,
 )
@@ -61,16 +67,6 @@ from napari_segtool.model import list_models, load_model
 logger = logging.getLogger(__name__)
 
 FROM_FILE = "model file..."
-CHECKSUM_KEY = "segtool_checksum"
-ORIGINAL_KEY = "segtool_original"  # frozen copy of the prediction: the Review widget's baseline
-SOURCE_KEY = "segtool_source"
-WHOLE, FIELD_OF_VIEW, RECTANGLE = SEGMENT_REGIONS
-Box = tuple[slice, ...]
-
-
-def checksum(data: np.ndarray) -> int:
-    """Cheap fingerprint of a layer's data, to tell whether the user edited it since."""
-    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -115,32 +111,6 @@ def describe_execution(execution: dict[str, object] | None) -> str:
     return f"{execution.get('precision')}, {fmt}, {mode}"
 
 
-def write_uncertainty_layer(
-    viewer: napari.viewer.Viewer,
-    name: str,
-    data: np.ndarray,
-    scale: tuple[float, ...],
-    translate: tuple[float, ...],
-) -> None:
-    """Update the Image layer ``name`` with ``data``, or add it below every Labels layer.
-
-    The uncertainty (magma, 0-1, additive, 60 % opacity) sits just under the lowest Labels
-    layer, so it tints the image but never covers the labels being corrected.
-    """
-    layers = viewer.layers
-    if name in layers and isinstance(layers[name], napari.layers.Image):
-        layers[name].data = data
-        return
-    layer = viewer.add_image(
-        data, name=name, scale=scale, translate=translate, colormap="magma",
-        contrast_limits=(0.0, 1.0), blending="additive", opacity=0.6, visible=True,
-        metadata={ROLE_KEY: UNCERTAINTY},
-    )  # fmt: skip
-    labels_at = [i for i, lyr in enumerate(layers) if isinstance(lyr, napari.layers.Labels)]
-    if labels_at and labels_at[0] < layers.index(layer):
-        layers.move(layers.index(layer), labels_at[0])
-
-
 def parse_tile_shape(text: str) -> tuple[int, ...] | None:
     """``"256, 256"`` -> ``(256, 256)``; empty -> None (the model's default)."""
     text = text.strip().lower().replace("x", ",")
@@ -155,42 +125,6 @@ def parse_tile_shape(text: str) -> tuple[int, ...] | None:
     if not shape or any(v < 1 for v in shape):
         raise InputError(f"tile shape {text!r} needs positive integers, e.g. 256, 256")
     return shape
-
-
-def voxel_range(lo: float, hi: float, n: int, *, touching: bool) -> slice:
-    """The voxels of an axis of ``n`` (voxel ``i`` centred at ``i``) that ``[lo, hi]`` holds.
-
-    Those whose centre lies inside, or with ``touching`` every one it overlaps; clipped to
-    ``0:n`` (``start >= stop`` when none).
-
-    Examples
-    --------
-    >>> voxel_range(-0.5, 9.5, 10, touching=False), voxel_range(2.2, 5.6, 10, touching=True)
-    (slice(0, 10, None), slice(2, 7, None))
-    >>> voxel_range(2.2, 5.6, 10, touching=False), voxel_range(11.0, 12.0, 10, touching=True)
-    (slice(3, 6, None), slice(10, 10, None))
-    """
-    if touching:
-        start, stop = math.floor(lo + 0.5), math.ceil(hi + 0.5)
-    else:
-        start, stop = math.ceil(lo - 1e-6), math.floor(hi + 1e-6) + 1
-    return slice(min(max(start, 0), n), min(max(stop, 0), n))
-
-
-def describe_region(box: Box) -> str:
-    """``"2:5,0:40,10:64"``: a box as ``segment --region`` writes it."""
-    return ",".join(f"{s.start}:{s.stop}" for s in box)
-
-
-def place(crop: np.ndarray, region: Box, *, shape: tuple[int, ...],
-          base: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """A new array of ``shape``: ``base`` (or zeros) with ``crop`` at ``region``."""
-    if base is None:
-        out = np.zeros(shape, crop.dtype)
-    else:
-        out = np.array(base, dtype=np.promote_types(base.dtype, crop.dtype))
-    out[region] = crop
-    return out
 
 
 def run_job(job: SegmentJob) -> Generator[Progress, None, SegmentOutput]:
@@ -258,10 +192,8 @@ class SegmentWidget(Container):
         self._tta = CheckBox(label="flip TTA", value=defaults.tta)
         self._precision = ComboBox(label="precision", choices=PRECISIONS, value=defaults.precision)
         self._compile = ComboBox(label="compile", choices=COMPILE_MODES, value=defaults.compile)
-        self._region = ComboBox(label="region", choices=SEGMENT_REGIONS, value=WHOLE)
-        self._shapes = create_widget(annotation="napari.layers.Shapes", label="rectangle in",
-                                     options={"nullable": True})  # fmt: skip
-        self._shapes.visible = False
+        self._region_choice = RegionChoice()
+        self._region, self._shapes = self._region_choice.mode, self._region_choice.shapes
         self._run = PushButton(text="Segment")
         self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
         self._status = Label(label="", value="")
@@ -271,7 +203,6 @@ class SegmentWidget(Container):
             self._region, self._shapes, self._run, self._progress, self._status,
         ])  # fmt: skip
         self._model.changed.connect(self._on_model_changed)
-        self._region.changed.connect(self._on_region_changed)
         self._run.changed.connect(self._on_run_clicked)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
         self._image.tooltip = "Image layer to segment (grey, RGB or a 3D stack)"
@@ -285,14 +216,6 @@ class SegmentWidget(Container):
             "torch.compile the network; auto compiles only jobs long enough to pay back the "
             "warm-up (never a single small image)"
         )
-        self._region.tooltip = (
-            "whole image; field of view: the Y/X box the canvas shows now (2D view), through "
-            "all Z of a stack; Shapes rectangle: the box of the selected (else the first) "
-            "rectangle of the Shapes layer below, on its own Z slice if it was drawn on a slice "
-            "of a stack, through all Z if the Shapes layer is 2D. The box is normalised like "
-            "the whole image; outside it the prediction keeps its values (0 in a new layer)"
-        )
-        self._shapes.tooltip = "Shapes layer holding the rectangle (default: the selected layer)"
         self.native.destroyed.connect(self.cancel)
         self._role_defaults = (
             RoleDefault(self._image, napari.layers.Image, IMAGE, avoid=(UNCERTAINTY,)),
@@ -332,7 +255,9 @@ class SegmentWidget(Container):
         image = np.asarray(level0(layer))
         base_labels = base_unc = None
         if region is not None:
-            base_labels, base_unc = self._bases(layer.name, image.shape[: layer.ndim])
+            base_labels, base_unc = previous_outputs(
+                self._viewer, layer.name, image.shape[: layer.ndim]
+            )
         return SegmentJob(
             image=image,
             rgb=bool(layer.rgb),
@@ -350,123 +275,7 @@ class SegmentWidget(Container):
     # -- the region -----------------------------------------------------------------------------
     def _region_box(self, layer: napari.layers.Image) -> Box | None:
         """The box of ``layer``'s (level-0) voxels to segment, or None for the whole image."""
-        mode = self._region.value
-        if mode == WHOLE:
-            return None
-        shape = tuple(int(n) for n in level0(layer).shape[: layer.ndim])
-        if mode == FIELD_OF_VIEW:
-            box, what = self._field_of_view(layer, shape), "the field of view"
-        else:
-            box, what = self._rectangle(layer, shape)
-        if any(s.start >= s.stop for s in box):
-            raise InputError(
-                f"{what} lies outside '{layer.name}' (shape {shape}): pan or zoom onto the "
-                "image, or choose 'whole image'"
-            )
-        return box
-
-    def _field_of_view(self, layer: napari.layers.Image, shape: tuple[int, ...]) -> Box:
-        """The voxels the 2D canvas shows (from the camera and the canvas size); all Z."""
-        viewer = self._viewer
-        if viewer.dims.ndisplay != 2:
-            raise InputError(
-                "the field of view is that of a 2D view: switch the viewer to 2D (the 2D/3D "
-                "button), or draw a Shapes rectangle and choose 'Shapes rectangle'"
-            )
-        height, width = (float(v) for v in viewer.canvas.size)
-        zoom = float(viewer.scene.camera.zoom)
-        if min(height, width) <= 0 or zoom <= 0:
-            raise InputError("the canvas has no size yet: show the viewer, then segment again")
-        cy, cx = (float(v) for v in viewer.scene.camera.center[-2:])
-        ay, ax = viewer.dims.displayed[-2:]
-        point = np.asarray(viewer.dims.point, float)
-        corners = []
-        for y in (cy - height / (2 * zoom), cy + height / (2 * zoom)):
-            for x in (cx - width / (2 * zoom), cx + width / (2 * zoom)):
-                world = point.copy()
-                world[ay], world[ax] = y, x
-                corners.append(layer.world_to_data(world))
-        lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
-        offset = viewer.dims.ndim - layer.ndim
-        shown = {ay - offset, ax - offset}
-        return tuple(
-            voxel_range(lo[i], hi[i], n, touching=True) if i in shown else slice(0, n)
-            for i, n in enumerate(shape)
-        )
-
-    def _rectangle(self, layer: napari.layers.Image, shape: tuple[int, ...]) -> tuple[Box, str]:
-        """The box of a Shapes rectangle in ``layer``'s voxels (centres inside), and its name.
-
-        Axes the rectangle spans take the voxels whose centres it holds; an axis of the
-        Shapes layer on which it is flat (the slice it was drawn on) takes that one slice;
-        axes the Shapes layer lacks (a 2D layer over a stack) are taken whole.
-        """
-        shapes = self._shapes.value
-        active = self._viewer.layers.selection.active
-        if shapes is None and isinstance(active, napari.layers.Shapes):
-            shapes = active
-        if shapes is None:
-            raise InputError(
-                "no Shapes layer: add one (the polygon button above the layer list), draw a "
-                "rectangle, then segment again; or choose another region"
-            )
-        rects = [i for i, kind in enumerate(shapes.shape_type) if kind == "rectangle"]
-        if not rects:
-            raise InputError(
-                f"'{shapes.name}' holds no rectangle: draw one with its rectangle tool (R)"
-            )
-        selected = sorted(i for i in shapes.selected_data if i in rects)
-        index = selected[0] if selected else rects[0]
-        world = [shapes.data_to_world(v) for v in np.asarray(shapes.data[index], float)]
-        k = min(layer.ndim, shapes.ndim)
-        point = np.asarray(self._viewer.dims.point, float)[-layer.ndim :]
-        corners = []
-        for w in world:
-            full = point.copy()
-            full[-k:] = np.asarray(w, float)[-k:]
-            corners.append(layer.world_to_data(full))
-        lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
-        box, spanned = [], 0
-        for i, n in enumerate(shape):
-            if i < layer.ndim - k:
-                box.append(slice(0, n))
-            elif hi[i] - lo[i] > 1e-6 * max(1.0, abs(lo[i])):
-                box.append(voxel_range(lo[i], hi[i], n, touching=False))
-                spanned += 1
-            else:  # flat along this axis: the slice it was drawn on
-                z = round(float(lo[i]))
-                box.append(slice(min(max(z, 0), n), min(max(z + 1, 0), n)))
-        what = f"rectangle {index} of '{shapes.name}'"
-        if spanned < min(2, layer.ndim):
-            raise InputError(f"{what} has no area in '{layer.name}': draw it again, larger")
-        return tuple(box), what
-
-    def _bases(
-        self, name: str, shape: tuple[int, ...]
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """What a region's outputs keep outside the box: this image's last machine prediction
-        (the frozen baseline, never the user's edits) and uncertainty, where they fit."""
-        by_name = {layer.name: layer for layer in self._viewer.layers}
-        labels = unc = None
-        pred = by_name.get(f"{name} prediction")
-        if isinstance(pred, napari.layers.Labels):
-            original = pred.metadata.get(ORIGINAL_KEY)
-            if isinstance(original, np.ndarray) and original.shape == shape:
-                labels = original
-            elif (
-                isinstance(pred.data, np.ndarray)
-                and pred.data.shape == shape
-                and (pred.metadata.get(CHECKSUM_KEY) == checksum(pred.data))
-            ):
-                labels = pred.data.copy()  # unedited, without a baseline: its data
-        found = by_name.get(f"{name} uncertainty")
-        if (
-            isinstance(found, napari.layers.Image)
-            and isinstance(found.data, np.ndarray)
-            and (found.data.shape == shape)
-        ):
-            unc = found.data
-        return labels, unc
+        return self._region_choice.box(self._viewer, layer)
 
     # -- running ------------------------------------------------------------------------------
     @property
@@ -476,9 +285,6 @@ class SegmentWidget(Container):
 
     def _on_model_changed(self, value: str) -> None:
         self._model_file.visible = value == FROM_FILE
-
-    def _on_region_changed(self, value: str) -> None:
-        self._shapes.visible = value == RECTANGLE
 
     def _on_run_clicked(self, *_: Any) -> None:
         if self._worker is not None:

@@ -18,6 +18,7 @@ import pytest
 import zarr
 from qtpy.QtCore import QTimer
 
+from napari_segtool._widgets import _review_count as count_module
 from napari_segtool._widgets import queue as queue_module
 from napari_segtool._widgets import review as review_module
 from napari_segtool._widgets.segment import ORIGINAL_KEY
@@ -71,7 +72,7 @@ class SlowCounts:
     """``iter_block_counts`` that pauses after each block, so edits land mid-count."""
 
     def __init__(self, monkeypatch, pause=0.15):
-        real = review_module.iter_block_counts
+        real = count_module.iter_block_counts
         self.calls: list[list[int]] = []  # the units each round was asked for
         self.read: list[int] = []  # first unit of each block read
         self.threads: set[bool] = set()  # read on the main thread?
@@ -84,7 +85,7 @@ class SlowCounts:
                 yield blocks
                 time.sleep(pause)
 
-        monkeypatch.setattr(review_module, "iter_block_counts", slow)
+        monkeypatch.setattr(count_module, "iter_block_counts", slow)
 
 
 def numbers_equal_a_fresh_count(widget, edited, reference):
@@ -107,7 +108,7 @@ def test_review_counts_a_zarr_pair_in_a_worker_and_stays_exact(segmented, qtbot,
     assert isinstance(edited.data, zarr.Array)
     monkeypatch.setattr(review_module, "RECOUNT_IN_WORKER", 10_000)
     assert np.prod(SHAPE) > review_module.RECOUNT_IN_WORKER
-    monkeypatch.setattr(review_module, "BLOCK_VOXELS", 2 * 96 * 96)  # four blocks
+    monkeypatch.setattr(count_module, "BLOCK_VOXELS", 2 * 96 * 96)  # four blocks
     slow = SlowCounts(monkeypatch)
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
     widget._edited.value, widget._reference.value = edited, reference
@@ -148,7 +149,7 @@ def test_review_2d_zarr_pair_in_bands(make_napari_viewer, qtbot, monkeypatch, tm
     pred[50:90, 20:150] = 2
     edited = viewer.add_labels(to_zarr(tmp_path / "p.zarr", pred, (64, 64)), name="pred")
     reference = viewer.add_labels(to_zarr(tmp_path / "r.zarr", ref, (64, 64)), name="ref")
-    monkeypatch.setattr(review_module, "BLOCK_VOXELS", 40 * 200)
+    monkeypatch.setattr(count_module, "BLOCK_VOXELS", 40 * 200)
     slow = SlowCounts(monkeypatch, pause=0.05)
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
     widget._edited.value, widget._reference.value = edited, reference
@@ -184,13 +185,13 @@ def test_the_ui_thread_keeps_beating_during_a_real_count(
     qtbot.waitUntil(lambda: not widget._recounting, timeout=60_000)
     qtbot.wait(300)
     done: list[float] = []  # when the last block's counts are in, before they are shown
-    real = review_module.ReviewWidget._count_done
+    real = count_module.BlockwiseCount._count_done
 
     def count_done(self):
         done.append(time.perf_counter())
         real(self)
 
-    monkeypatch.setattr(review_module.ReviewWidget, "_count_done", count_done)
+    monkeypatch.setattr(count_module.BlockwiseCount, "_count_done", count_done)
     beats: list[float] = []
     timer = QTimer()
     timer.setInterval(5)

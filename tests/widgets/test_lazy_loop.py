@@ -22,6 +22,7 @@ import zarr
 from scipy import ndimage
 
 from napari_segtool import config as segtool_config
+from napari_segtool._widgets import _review_count as count_module
 from napari_segtool._widgets import finetune as finetune_module
 from napari_segtool._widgets import queue as queue_module
 from napari_segtool._widgets import review as review_module
@@ -121,7 +122,7 @@ def loop(make_napari_viewer, qtbot, tmp_path, monkeypatch, errors):
     monkeypatch.setattr(segtool_config, "LAZY_SEGMENT_VOXELS", SMALL)
     monkeypatch.setattr(predict, "CHUNK_VOXELS", 2 * 128 * 128)  # 2D model: 4 blocks of slices
     monkeypatch.setattr(review_module, "RECOUNT_IN_WORKER", SMALL)
-    monkeypatch.setattr(review_module, "BLOCK_VOXELS", 2 * 128 * 128)
+    monkeypatch.setattr(count_module, "BLOCK_VOXELS", 2 * 128 * 128)
     em = tifffile.imread(SAMPLE / "isbi2012_em.tif")[CROP]
     truth = tifffile.imread(SAMPLE / "isbi2012_em_membranes.tif")[CROP]
     assert set(np.unique(truth)) == {0, 1}
