@@ -131,11 +131,18 @@ class ModelPlugin(WorkerPlugin):
     name : str
         The plugin's name on the worker (one per model).
     threads : int, optional
-        Torch threads per worker (a LocalCluster's share of the cores).
+        Torch threads per worker (a LocalCluster's share of the cores). Without it, each
+        worker takes its usable cores (its CPU affinity: a SLURM job's allocation) divided
+        by the number of workers on its host in ``per_host``: dask's nanny sets
+        ``OMP_NUM_THREADS=1`` in every worker, which would leave torch one core.
+    per_host : dict, optional
+        Workers per host address when the run started.
     """
 
-    def __init__(self, model_file: bytes, name: str, threads: int | None = None) -> None:
+    def __init__(self, model_file: bytes, name: str, threads: int | None = None,
+                 per_host: dict[str, int] | None = None) -> None:  # fmt: skip
         self.model_file, self.name, self.threads = model_file, name, threads
+        self.per_host = dict(per_host or {})
         self._reset()
 
     def _reset(self) -> None:
@@ -147,17 +154,24 @@ class ModelPlugin(WorkerPlugin):
         self.lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"model_file": self.model_file, "name": self.name, "threads": self.threads}
+        return {"model_file": self.model_file, "name": self.name, "threads": self.threads,
+                "per_host": self.per_host}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset()
 
     def setup(self, worker: Any = None) -> None:
-        if self.threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(self.threads)
+        from napari_segtool.inference.execution import tune_allocator, usable_cores
+
+        threads = self.threads
+        if not threads:
+            host = _host(getattr(worker, "address", "") or "")
+            threads = max(1, usable_cores() // max(1, self.per_host.get(host, 1)))
+        torch.set_num_threads(threads)
+        tune_allocator()  # the nanny's MALLOC_TRIM_THRESHOLD_ costs a third of the speed
 
     def teardown(self, worker: Any = None) -> None:
         for image, _ in self._images.values():
@@ -208,6 +222,26 @@ class ModelPlugin(WorkerPlugin):
         return self._records[path]
 
 
+def _host(address: str) -> str:
+    """``tcp://10.0.0.5:40123`` -> ``10.0.0.5`` (the scheduler's ``host`` of a worker)."""
+    rest = address.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0].strip("[]")
+
+
+def workers_per_host(info: dict[str, Any]) -> dict[str, int]:
+    """Workers per host in a scheduler's ``scheduler_info()``.
+
+    >>> workers_per_host({"workers": {"tcp://a:1": {"host": "a"}, "tcp://a:2": {"host": "a"},
+    ...                               "tcp://b:1": {"host": "b"}}})
+    {'a': 2, 'b': 1}
+    """
+    counts: dict[str, int] = {}
+    for address, w in info.get("workers", {}).items():
+        host = w.get("host") or _host(address)
+        counts[host] = counts.get(host, 0) + 1
+    return counts
+
+
 def _plugin(name: str) -> ModelPlugin:
     from distributed import get_worker
 
@@ -223,8 +257,11 @@ def resolve_settings(plugin: str, config: InferenceConfig, calls: int) -> dict[s
     compile, memory format), so every worker then runs the same."""
     seg = _plugin(plugin).segmenter(config, (False, False, False), calls=calls)
     resolved = seg.resolved_config
+    import torch
+
     return {"precision": resolved.precision, "compile": resolved.compile,
-            "memory_format": resolved.memory_format, "device": str(seg.device)}  # fmt: skip
+            "memory_format": resolved.memory_format, "device": str(seg.device),
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def value_range(spec: ImageSpec, normalization: Any, max_voxels: int) -> tuple[float, float]:

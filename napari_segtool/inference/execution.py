@@ -21,12 +21,16 @@ it, so the two never differ in how a network is executed.
   back (:func:`decide_compile`); a failed compilation falls back to eager with one warning.
 - **Threads.** :func:`use_all_cores` lets torch use every core the process may run on
   (``os.sched_getaffinity``) unless ``OMP_NUM_THREADS`` says otherwise.
+- **Allocator.** :func:`tune_allocator` keeps glibc's malloc from handing every tensor of
+  more than 128 KiB back to the kernel when it is freed (each inference layer's output then
+  costs fresh page faults; a dask worker's ``MALLOC_TRIM_THRESHOLD_=65536`` makes it worse).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -77,6 +81,48 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)  # pragma: no cover - macOS, Windows
+
+
+MMAP_THRESHOLD = 32 << 20
+"""Allocations at least this large are mapped by the kernel; smaller ones reuse the heap
+(glibc's largest dynamic threshold on 64-bit systems)."""
+
+TRIM_THRESHOLD = 64 << 20
+"""Free memory kept at the top of the heap before it is returned to the kernel."""
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters in glibc's malloc.h
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Raise glibc's mmap and trim thresholds (:data:`MMAP_THRESHOLD`, :data:`TRIM_THRESHOLD`)
+    once per process; returns whether they are set.
+
+    With glibc's defaults, the buffers of an inference pass (tens of MiB per layer, freed
+    after the next one) are mapped and unmapped again on every call, so the network pays page
+    faults for memory it has just released. Measured on the 2-core development machine,
+    ``segment`` on a 32 x 1024 x 1024 OME-Zarr volume took 11.6 and 10.6 s with the defaults
+    and 8.4 and 7.9 s with these thresholds, at the same peak memory (412-418 MiB against
+    437-453 MiB); a training step is barely changed. Does nothing where the C library is not
+    glibc, or when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment (the user tuned it) or
+    ``NAPARI_SEGTOOL_MALLOC=default``.
+    """
+    if (
+        platform.system() != "Linux"
+        or "MALLOC_MMAP_THRESHOLD_" in os.environ
+        or os.environ.get("NAPARI_SEGTOOL_MALLOC") == "default"
+        or platform.libc_ver()[0] != "glibc"
+    ):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError):  # pragma: no cover - no loadable glibc
+        return False
+    return ok
 
 
 def use_all_cores() -> int:
@@ -574,6 +620,7 @@ def plan_execution(
     ``description`` names the network (architecture and sizes) in the cache key.
     """
     threads = use_all_cores()
+    tune_allocator()
     fmt = effective_memory_format(memory_format, device)
     key = speed_key(device, f"{description} {fmt}", batch_shape)
     example = torch.zeros(batch_shape, device=device).contiguous(

@@ -21,6 +21,7 @@ from napari_segtool.inference.execution import (
     check_precision,
     effective_memory_format,
     torch_memory_format,
+    tune_allocator,
     use_all_cores,
 )
 from napari_segtool.inference.predict import resolve_device, segment
@@ -363,6 +364,7 @@ def _execution(
     """The precision training runs in (``auto`` measured as for inference, on a batch of
     patches) and the layout of the network and its inputs; uses every usable core."""
     use_all_cores()
+    tune_allocator()
     fmt = effective_memory_format(config.memory_format, device)
     precision = config.precision
     if precision == "auto":
