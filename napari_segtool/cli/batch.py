@@ -142,7 +142,9 @@ def segment_on_scheduler(args: argparse.Namespace, inputs: list[Path], *, many: 
     cluster_inputs = [_cluster_input(args, p, keys, many, model) for p in inputs]
     threads = None
     if kind == "local":
-        threads = max(1, (os.cpu_count() or 1) // target)
+        from napari_segtool.inference.execution import usable_cores
+
+        threads = max(1, usable_cores() // target)
     with connect(args.scheduler) as client:
         link = dashboard_link(client)
         where = link or "off (install bokeh)"
@@ -159,43 +161,27 @@ def segment_on_scheduler(args: argparse.Namespace, inputs: list[Path], *, many: 
 
 def _cluster_input(args: argparse.Namespace, image_path: Path, keys: list[str], many: bool,
                    model: Any) -> Any:  # fmt: skip
-    """One input's :class:`~napari_segtool.cluster.run.ClusterInput`: its channel, region,
-    outputs and geometry."""
+    """One input's :class:`~napari_segtool.cluster.run.ClusterInput` from the command's
+    flags (:func:`~napari_segtool.cluster.inputs.cluster_input` does the work)."""
     from napari_segtool.cli._common import parse_region
-    from napari_segtool.cluster.run import ClusterInput
-    from napari_segtool.cluster.tasks import ImageSpec
-    from napari_segtool.io import read_image
+    from napari_segtool.cluster.inputs import cluster_input, image_shape
 
-    image = read_image(image_path, lazy=True)
-    try:
-        spec, shape = _spec(args, image_path, image, model)
-        full = shape
-        region = None
-        if args.region is not None:
-            box = parse_region(args.region, shape)
-            region = tuple((s.start, s.stop) for s in box)
-            shape = tuple(s.stop - s.start for s in box)
-            spec = ImageSpec(spec.path, spec.channel_key, region)
-        outputs = {}
-        for key in keys:
-            target_path = getattr(args, key)
-            if many:
-                _folder(target_path, f"--{key}").mkdir(parents=True, exist_ok=True)
-                target_path = output_name(image_path, target_path, zarr=True)
-            name = "labels" if key == "output" else key
-            outputs[name] = Path(target_path)
-        spacing = tuple(image.spacing) if len(image.spacing) == len(shape) else None
-        foreground = None
-        if args.foreground_mask is not None:
-            foreground = foreground_mask(_mask_path(args.foreground_mask, image_path, many),
-                                         full, image, region)  # fmt: skip
-        translation = None
-        if region is not None and spacing is not None:
-            translation = tuple(a * s for (a, _), s in zip(region, spacing, strict=True))
-        return ClusterInput(spec, shape, outputs, spacing=spacing, unit=image.unit,
-                            translation=translation, foreground=foreground)  # fmt: skip
-    finally:
-        image.close()
+    outputs = {}
+    for key in keys:
+        target_path = getattr(args, key)
+        if many:
+            _folder(target_path, f"--{key}").mkdir(parents=True, exist_ok=True)
+            target_path = output_name(image_path, target_path, zarr=True)
+        outputs["labels" if key == "output" else key] = Path(target_path)
+    region = None
+    if args.region is not None:
+        shape = image_shape(image_path, channel_axis=args.channel_axis, rgb=args.rgb)
+        region = parse_region(args.region, shape)
+    mask = None
+    if args.foreground_mask is not None:
+        mask = _mask_path(args.foreground_mask, image_path, many)
+    return cluster_input(image_path, outputs, model, channel_axis=args.channel_axis,
+                         rgb=args.rgb, region=region, foreground_mask=mask)  # fmt: skip
 
 
 def _mask_path(value: Path, image_path: Path, many: bool) -> Path:
@@ -215,54 +201,6 @@ def _mask_path(value: Path, image_path: Path, many: bool) -> Path:
     return found[0]
 
 
-def foreground_mask(path: Path, image_shape: tuple[int, ...], image: Any,
-                    region: Any) -> Any:  # fmt: skip
-    """The :class:`~napari_segtool.cluster.tasks.MaskSpec` of ``path`` for an input of
-    one-channel ``image_shape`` (``image`` its file, for the field of view).
-
-    The mask must have the image's spatial axes, at most its size per axis in voxels, and
-    where both files give a voxel size, the same extent (shape times spacing) to within one
-    mask voxel per axis: otherwise it does not cover the same field of view.
-    """
-    from napari_segtool.cluster.tasks import MaskSpec
-    from napari_segtool.io import read_image
-
-    mask = read_image(path, lazy=True)
-    try:
-        shape = tuple(int(n) for n in mask.data.shape)
-        if len(shape) != len(image_shape) or (mask.axes and set(mask.axes) - set("ZYX")):
-            raise InputError(f"--foreground-mask {path}: shape {shape} is not a mask of the "
-                             f"image's {len(image_shape)} spatial axes {image_shape}")  # fmt: skip
-        if any(m > n for m, n in zip(shape, image_shape, strict=True)):
-            raise InputError(f"--foreground-mask {path}: {shape} has more voxels than the image "
-                             f"{image_shape} on some axis; give it at the image's resolution "
-                             "or coarser")  # fmt: skip
-        _check_extent(path, shape, mask, image_shape, image)
-    finally:
-        mask.close()
-    offset = (0,) * len(image_shape) if region is None else tuple(a for a, _ in region)
-    return MaskSpec(str(path), tuple(image_shape), shape, offset)
-
-
-def _check_extent(path: Path, shape: tuple[int, ...], mask: Any, image_shape: tuple[int, ...],
-                  image: Any) -> None:  # fmt: skip
-    """Refuse a mask whose recorded extent differs from the image's (when both record one)."""
-    m_sp, i_sp = tuple(mask.spacing or ()), tuple(image.spacing or ())
-    if len(m_sp) != len(shape) or len(i_sp) != len(image_shape):
-        return
-    if all(v == 1.0 for v in m_sp) and shape != tuple(image_shape):
-        return  # a mask without a voxel size: its voxels are stretched to the image's
-    if mask.unit and image.unit and mask.unit != image.unit:
-        return  # different units: not comparable here
-    for axis, (m, msp, n, isp) in enumerate(zip(shape, m_sp, image_shape, i_sp, strict=True)):
-        if abs(m * msp - n * isp) > msp + 1e-6 * n * isp:
-            raise InputError(
-                f"--foreground-mask {path}: axis {axis} spans {m} x {msp:g} = {m * msp:g} but "
-                f"the image's spans {n} x {isp:g} = {n * isp:g}; the mask must cover the same "
-                "field of view"
-            )
-
-
 def dashboard_link(client: Any) -> str | None:
     """The dashboard's address, or None without one (its pages need bokeh)."""
     from napari_segtool.cluster.scheduler import has_bokeh
@@ -276,29 +214,3 @@ def dashboard_link(client: Any) -> str | None:
         return str(client.dashboard_link)
     except (KeyError, AttributeError, OSError):
         return None
-
-
-def _spec(args: argparse.Namespace, path: Path, image: Any, model: Any) -> tuple[Any, tuple]:
-    """The worker's view of one input: one channel, as ``segment``'s block engine reads it."""
-    from napari_segtool.cluster.tasks import ImageSpec
-
-    data = image.data
-    axis = args.channel_axis if args.channel_axis is not None else image.channel_axis
-    key = None
-    if args.rgb or (image.rgb and args.channel_axis is None):
-        raise InputError(f"{path}: --scheduler segments one-channel images (this one is RGB)")
-    if axis is not None:
-        if not -data.ndim <= axis < data.ndim or data.shape[axis] != 1:
-            raise InputError(f"{path}: --scheduler segments one-channel images; axis {axis} "
-                             f"holds {data.shape[axis]} channels")  # fmt: skip
-        k: list[Any] = [slice(None)] * data.ndim
-        k[axis] = 0
-        key = tuple(k)
-    shape = tuple(int(n) for i, n in enumerate(data.shape) if key is None or i != axis % data.ndim)
-    if len(shape) not in (2, 3):
-        raise InputError(f"{path}: shape {tuple(data.shape)} is not a (Z, Y, X) volume or a "
-                         "(Y, X) image")  # fmt: skip
-    if model.config.in_channels != 1:
-        raise InputError(f"model {model.name!r} takes {model.config.in_channels} channels; "
-                         "--scheduler segments one-channel images")  # fmt: skip
-    return ImageSpec(str(path), key, None), shape
