@@ -29,6 +29,13 @@ from qtpy.QtCore import QTimer
 
 from napari_segtool._widgets import _gc
 from napari_segtool._widgets.roles import RoleDefault, apply_all
+from napari_segtool._widgets.segment_cluster import (
+    ClusterJob,
+    ClusterOutput,
+    cluster_job,
+    open_result,
+    run_cluster_job,
+)
 from napari_segtool._widgets.segment_layers import (  # other widgets import these from here
     CHECKSUM_KEY,
     ORIGINAL_KEY,
@@ -49,6 +56,7 @@ from napari_segtool._widgets.segment_lazy import (
 )
 from napari_segtool._widgets.segment_region import Box, RegionChoice, describe_region, place
 from napari_segtool.active_learning import voxel_uncertainty
+from napari_segtool.cluster.background import CancelledError
 from napari_segtool.config import (
     COMPILE_MODES,
     DEVICES,
@@ -170,7 +178,7 @@ class SegmentWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._worker: GeneratorWorker | None = None
-        self._job: SegmentJob | LazyJob | None = None
+        self._job: SegmentJob | LazyJob | ClusterJob | None = None
         self._lazy = LazyDisplay(napari_viewer)  # the chunked project's layer, if any
         defaults = SEGMENT_WIDGET_DEFAULTS
         self._image = create_widget(annotation="napari.layers.Image", label="image")
@@ -194,13 +202,15 @@ class SegmentWidget(Container):
         self._compile = ComboBox(label="compile", choices=COMPILE_MODES, value=defaults.compile)
         self._region_choice = RegionChoice()
         self._region, self._shapes = self._region_choice.mode, self._region_choice.shapes
+        self._scheduler = LineEdit(label="scheduler", value="")
         self._run = PushButton(text="Segment")
         self._progress = ProgressBar(label="progress", value=0, min=0, max=100)
         self._status = Label(label="", value="")
         self.extend([
             self._image, self._model, self._model_file, self._device, self._tile,
             self._overlap, self._batch, self._tta, self._precision, self._compile,
-            self._region, self._shapes, self._run, self._progress, self._status,
+            self._region, self._shapes, self._scheduler, self._run, self._progress,
+            self._status,
         ])  # fmt: skip
         self._model.changed.connect(self._on_model_changed)
         self._run.changed.connect(self._on_run_clicked)
@@ -215,6 +225,11 @@ class SegmentWidget(Container):
         self._compile.tooltip = (
             "torch.compile the network; auto compiles only jobs long enough to pay back the "
             "warm-up (never a single small image)"
+        )
+        self._scheduler.tooltip = (
+            "empty: segment in this process; local:N (N worker processes here), "
+            "tcp://HOST:PORT or a scheduler file: segment the image's file on that dask "
+            "cluster into <name>_labels.zarr beside it (a rerun resumes)"
         )
         self.native.destroyed.connect(self.cancel)
         self._role_defaults = (
@@ -235,7 +250,7 @@ class SegmentWidget(Container):
             return str(path)
         return str(self._model.value)
 
-    def _collect_config(self) -> SegmentJob | LazyJob:
+    def _collect_config(self) -> SegmentJob | LazyJob | ClusterJob:
         """The job: in memory, or into a chunked project for a lazy or very large layer."""
         layer = self._image.value
         if layer is None:
@@ -250,6 +265,9 @@ class SegmentWidget(Container):
             compile=str(self._compile.value),
         )
         region = self._region_box(layer)
+        if self._scheduler.value.strip():
+            return cluster_job(layer, scheduler=self._scheduler.value, model=self._model_spec(),
+                               config=config, region=region)  # fmt: skip
         if is_lazy(layer):
             return lazy_job(layer, model=self._model_spec(), config=config, region=region)
         image = np.asarray(level0(layer))
@@ -303,12 +321,17 @@ class SegmentWidget(Container):
             return None
         self._job = job
         lazy = isinstance(job, LazyJob)
+        body, yielded, returned = (run_lazy_job, self._on_lazy_yielded, self._on_lazy_returned)
+        if not lazy:
+            body, yielded, returned = (run_job, self._on_progress, self._on_returned)
+        if isinstance(job, ClusterJob):
+            body, returned = run_cluster_job, self._on_cluster_returned
         worker = create_worker(
-            run_lazy_job if lazy else run_job,
+            body,
             job,
             _connect={
-                "yielded": self._on_lazy_yielded if lazy else self._on_progress,
-                "returned": self._on_lazy_returned if lazy else self._on_returned,
+                "yielded": yielded,
+                "returned": returned,
                 "errored": self._on_error,
                 "finished": self._on_finished,
             },
@@ -327,7 +350,7 @@ class SegmentWidget(Container):
         """Stop the running worker after its current batch of tiles."""
         if self._worker is not None:
             self._status.value = "cancelling..."
-            if isinstance(self._job, LazyJob):
+            if isinstance(self._job, LazyJob | ClusterJob):
                 self._job.cancel.set()  # the worker closes its run itself: the record is saved
             else:
                 self._worker.quit()
@@ -341,9 +364,15 @@ class SegmentWidget(Container):
 
     def _on_progress(self, p: Progress) -> None:
         self._progress.value = round(100 * p.fraction)
-        self._status.value = f"{p.done} / {p.total} tiles"
+        unit = "boxes on the cluster" if isinstance(self._job, ClusterJob) else "tiles"
+        self._status.value = f"{p.done} / {p.total} {unit}"
 
     def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, CancelledError):
+            job = self._job
+            where = job.outputs["labels"] if isinstance(job, ClusterJob) else "the output"
+            self._status.value = f"cancelled; finished boxes kept in {where}: run again to resume"
+            return
         if isinstance(exc, SegtoolError):
             show_error(f"Segment: {exc}")
         else:
@@ -411,6 +440,19 @@ class SegmentWidget(Container):
                     self._viewer, f"{job.image_name} uncertainty", unc, job.scale, job.translate
                 ),
             )
+
+    # -- the cluster path ---------------------------------------------------------------------
+    def _on_cluster_returned(self, output: ClusterOutput) -> None:
+        job = self._job
+        assert isinstance(job, ClusterJob)
+        blocks = output.summary["blocks"]
+        self._progress.value = 100
+        layer = open_result(self._viewer, job, output.path)
+        self._status.value = (
+            f"done on {output.summary['workers']} workers: {blocks['computed']} boxes computed, "
+            f"{blocks['resumed']} resumed, {blocks['empty']} empty in "
+            f"{output.summary['seconds']:.1f} s: {layer.name} ({output.path})"
+        )
 
     # -- output layers ------------------------------------------------------------------------
     def _write_labels(self, name: str, result: SegmentOutput, job: SegmentJob) -> str:

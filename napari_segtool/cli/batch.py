@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from napari_segtool.errors import InputError
+from napari_segtool.io.names import image_stem
+from napari_segtool.io.names import image_suffix as _image_suffix
 
 __all__ = [
     "dashboard_link",
@@ -27,25 +29,6 @@ __all__ = [
     "segment_many",
     "segment_on_scheduler",
 ]
-
-
-def _image_suffix(path: Path) -> str | None:
-    """The image ending of ``path`` (``.nii.gz`` counts as one), or None."""
-    from napari_segtool.io.medical import MEDICAL_SUFFIXES
-    from napari_segtool.io.tiff import TIFF_SUFFIXES
-
-    name = path.name.lower()
-    for suffix in (".zarr", *TIFF_SUFFIXES, *MEDICAL_SUFFIXES):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return suffix
-    return None
-
-
-def image_stem(path: Path) -> str | None:
-    """The name of ``path`` without its image ending (``a.nii.gz``: ``a``), or None when it
-    has none."""
-    suffix = _image_suffix(path)
-    return None if suffix is None else path.name[: -len(suffix)]
 
 
 def is_image_folder(path: Path) -> bool:
