@@ -31,6 +31,7 @@ from napari_segtool.cluster.tasks import (
     resolve_settings,
     segment_box,
     value_range,
+    workers_per_host,
 )
 from napari_segtool.config import InferenceConfig
 from napari_segtool.errors import InputError
@@ -159,7 +160,8 @@ def segment_on_cluster(
     sample_voxels : int
         Voxels of the sample each input's normalisation range is taken from.
     threads : int, optional
-        Torch threads on each worker.
+        Torch threads on each worker (default: its usable cores shared among the workers on
+        its host).
     progress : callable, optional
         ``progress(done, total)`` in boxes as they finish.
 
@@ -179,7 +181,10 @@ def segment_on_cluster(
     digest = _model_digest(model)
     name = plugin_name(digest)
     _wait_for_workers(client)
-    client.register_plugin(ModelPlugin(model_file_bytes(model), name, threads), name=name)
+    info = client.scheduler_info()
+    plugin = ModelPlugin(model_file_bytes(model), name, threads, workers_per_host(info),
+                         addresses=sorted(info.get("workers", {})))  # fmt: skip
+    client.register_plugin(plugin, name=name)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     voxels = sum(int(np.prod(inp.shape)) for inp in inputs)
     # several boxes per worker (so the graph balances), none above READ_VOXELS
@@ -318,8 +323,8 @@ def _resolve(client: Any, name: str, cfg: InferenceConfig, model: Any,
     """The ``auto`` choices, made once on one worker."""
     calls = max(1, int(np.prod(shape)) // int(np.prod(_tile_shape(cfg, model))))
     got = client.submit(resolve_settings, name, cfg, calls, pure=False).result()
-    logger.info("workers run %s, %s, compile %s", got["device"], got["precision"],
-                got["compile"])  # fmt: skip
+    logger.info("workers run %s, %s, compile %s, %s torch threads", got["device"],
+                got["precision"], got["compile"], got["threads"])  # fmt: skip
     return replace(cfg, precision=got["precision"], compile=got["compile"],
                    memory_format=got["memory_format"])  # fmt: skip
 

@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,18 @@ class ModelPlugin(WorkerPlugin):
         ``OMP_NUM_THREADS=1`` in every worker, which would leave torch one core.
     per_host : dict, optional
         Workers per host address when the run started.
+    addresses : sequence of str, optional
+        The workers' addresses when the run started: on a host with several GPUs, each
+        worker takes GPU ``i % count``, ``i`` its place among the host's workers (one model
+        per GPU; a worker started with its own ``CUDA_VISIBLE_DEVICES`` sees one GPU).
     """
 
     def __init__(self, model_file: bytes, name: str, threads: int | None = None,
-                 per_host: dict[str, int] | None = None) -> None:  # fmt: skip
+                 per_host: dict[str, int] | None = None,
+                 addresses: Sequence[str] = ()) -> None:  # fmt: skip
         self.model_file, self.name, self.threads = model_file, name, threads
         self.per_host = dict(per_host or {})
+        self.addresses = tuple(addresses)
         self._reset()
 
     def _reset(self) -> None:
@@ -155,7 +162,7 @@ class ModelPlugin(WorkerPlugin):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"model_file": self.model_file, "name": self.name, "threads": self.threads,
-                "per_host": self.per_host}  # fmt: skip
+                "per_host": self.per_host, "addresses": self.addresses}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -171,6 +178,9 @@ class ModelPlugin(WorkerPlugin):
             host = _host(getattr(worker, "address", "") or "")
             threads = max(1, usable_cores() // max(1, self.per_host.get(host, 1)))
         torch.set_num_threads(threads)
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            rank = local_rank(getattr(worker, "address", "") or "", self.addresses)
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         tune_allocator()  # the nanny's MALLOC_TRIM_THRESHOLD_ costs a third of the speed
 
     def teardown(self, worker: Any = None) -> None:
@@ -226,6 +236,20 @@ def _host(address: str) -> str:
     """``tcp://10.0.0.5:40123`` -> ``10.0.0.5`` (the scheduler's ``host`` of a worker)."""
     rest = address.split("://", 1)[-1]
     return rest.rsplit(":", 1)[0].strip("[]")
+
+
+def local_rank(address: str, addresses: Sequence[str]) -> int:
+    """A worker's place among the workers on its host (by address; 0 when not listed).
+
+    >>> local_rank("tcp://10.0.0.5:4002", ["tcp://10.0.0.5:4009", "tcp://10.0.0.5:4002",
+    ...                                    "tcp://10.0.0.6:4001"])
+    0
+    >>> local_rank("tcp://10.0.0.5:4009", ["tcp://10.0.0.5:4009", "tcp://10.0.0.5:4002"])
+    1
+    """
+    host = _host(address)
+    same = sorted(a for a in addresses if _host(a) == host)
+    return same.index(address) if address in same else 0
 
 
 def workers_per_host(info: dict[str, Any]) -> dict[str, int]:

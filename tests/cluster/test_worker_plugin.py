@@ -34,3 +34,18 @@ def test_a_worker_takes_its_share_of_the_hosts_cores(keep_threads, monkeypatch, 
 def test_a_local_clusters_explicit_share_wins(keep_threads):
     ModelPlugin(b"", "m", 1, {"127.0.0.1": 1}).setup(SimpleNamespace(address="tcp://127.0.0.1:1"))
     assert torch.get_num_threads() == 1
+
+
+def test_workers_on_a_host_with_several_gpus_take_one_each(keep_threads, monkeypatch):
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    addresses = [f"tcp://10.0.0.5:{p}" for p in (4003, 4001, 4002)] + ["tcp://10.0.0.6:4001"]
+    per_host = {"10.0.0.5": 3, "10.0.0.6": 1}
+    for address in addresses:
+        ModelPlugin(b"", "m", 1, per_host, addresses=addresses).setup(
+            SimpleNamespace(address=address)
+        )
+    # 10.0.0.5's workers by address: 4001 -> GPU 0, 4002 -> GPU 1, 4003 -> GPU 0
+    assert chosen == [0, 0, 1, 0]
