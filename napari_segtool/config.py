@@ -269,6 +269,10 @@ class TrainingConfig:
         check_execution(precision=self.precision, memory_format=self.memory_format)
 
 
+BALANCE_MODES = ("auto", "off")
+"""How a fine-tuning round treats rare foreground (``FinetuneConfig.balance``)."""
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tuning round on a user's corrections.
@@ -292,6 +296,10 @@ class FinetuneConfig:
         Seeds the validation split, patch sampling and augmentation.
     device, precision, memory_format
         As for inference (training never compiles: a round is too short to pay back).
+    balance : {"auto", "off"}
+        ``auto`` plans the round from the training voxels' class counts
+        (:func:`~napari_segtool.training.balance.plan_round`): rare foreground is oversampled,
+        weighted in the loss and given more steps; ``off`` runs the fixed round.
     """
 
     epochs: int = 6
@@ -305,8 +313,11 @@ class FinetuneConfig:
     device: Device = "auto"
     precision: Precision = "auto"
     memory_format: MemoryFormat = "channels_last"
+    balance: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.balance not in BALANCE_MODES:
+            raise InputError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r}")
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
             raise InputError("epochs, steps_per_epoch and batch_size must be >= 1")
         if not 0.0 <= self.validation_fraction < 1.0:

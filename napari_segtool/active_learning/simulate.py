@@ -5,6 +5,13 @@ user had corrected them, fine-tunes the current model on everything revealed so 
 those voxels count), and measures the Dice on a fixed held-out set of units that are never
 revealed. The first ``initial`` units are drawn at random (the same draw for every strategy
 with the same seed), so strategies differ only in what they choose afterwards.
+
+**Effort** is counted as the user pays it (Cellpose 2.0's point: correcting a prediction
+costs far less than drawing from scratch): for each revealed unit, the voxels where the
+model shown at that moment (the starting model for the initial units, the current one
+afterwards) differs from the reference, plus a fixed review cost per unit of
+``review_fraction`` of the unit's voxels (looking a unit over and confirming it; 1 % by
+default, an assumption: a slice checked without a change still costs the user something).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class SimulationConfig:
     tile: int = 128
     min_gap: int = 1
     score: str = "top"
+    review_fraction: float = 0.01
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
@@ -53,16 +61,20 @@ class SimulationConfig:
             raise InputError("initial and per_round must be >= 1 and rounds >= 0")
         if not 0 < self.held_out_fraction < 1:
             raise InputError("held_out_fraction must be in (0, 1)")
+        if not 0 <= self.review_fraction <= 1:
+            raise InputError("review_fraction must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class RoundPoint:
-    """Held-out Dice after training on ``revealed`` units (in the order they were revealed)."""
+    """Held-out Dice after training on ``revealed`` units (in the order they were revealed);
+    ``effort`` the voxels a user changed or reviewed to correct them (module docstring)."""
 
     round: int
     revealed: tuple[int, ...]
     dice: float
     seconds: float
+    effort: int = 0
 
     @property
     def n_revealed(self) -> int:
@@ -88,6 +100,23 @@ def _mask(shape: tuple[int, ...], units: list[Unit], chosen: set[int]) -> NDArra
         if u.index in chosen:
             mask[u.region] = True
     return mask
+
+
+def unit_effort(units: list[Unit], shown: NDArray, labels: NDArray,
+                review_fraction: float) -> int:  # fmt: skip
+    """Voxels to correct in ``units`` when ``shown`` is on screen, plus their review cost.
+
+    >>> from napari_segtool.active_learning.scoring import make_units
+    >>> truth = np.zeros((2, 10, 10), np.uint8); truth[0, :3] = 1
+    >>> shown = np.zeros_like(truth); shown[0, :2] = 1
+    >>> unit_effort(make_units(truth.shape)[:1], shown, truth, 0.01)  # 10 wrong + 1 review
+    11
+    """
+    total = 0
+    for u in units:
+        wrong = int(np.count_nonzero(shown[u.region] != labels[u.region]))
+        total += wrong + round(review_fraction * int(np.prod(labels[u.region].shape)))
+    return total
 
 
 def _train(model: SegmentationModel, image, labels, mask, cfg: FinetuneConfig):
@@ -136,6 +165,9 @@ def iter_simulate(
     with_tta = plain.with_(tta=True)
     current = model
     curve: list[RoundPoint] = []
+    by_index = {u.index: u for u in units}
+    shown = segment(image, model, config=plain).labels  # what the user starts correcting
+    effort = unit_effort([by_index[i] for i in revealed], shown, labels, cfg.review_fraction)
     for r in range(cfg.rounds + 1):
         t0 = time.perf_counter()
         mask = _mask(labels.shape, units, set(revealed))
@@ -144,13 +176,14 @@ def iter_simulate(
             current = result.model
         seg = segment(image, current, config=plain)
         point = RoundPoint(r, tuple(revealed), _dice(seg.labels, labels, held_mask, current),
-                           time.perf_counter() - t0)  # fmt: skip
-        logger.info("%s seed %d round %d: %d units, Dice %.4f", cfg.strategy, seed, r,
-                    point.n_revealed, point.dice)  # fmt: skip
+                           time.perf_counter() - t0, effort)  # fmt: skip
+        logger.info("%s seed %d round %d: %d units, %d voxels of effort, Dice %.4f",
+                    cfg.strategy, seed, r, point.n_revealed, effort, point.dice)  # fmt: skip
         curve.append(point)
         yield point
         if r == cfg.rounds:
             break
+        shown = seg.labels  # the prediction the user corrects next
         if cfg.strategy == "uncertainty":
             seg = segment(image, current, config=with_tta)
             unc = voxel_uncertainty(seg)
@@ -161,7 +194,9 @@ def iter_simulate(
                      exclude=revealed, min_gap=cfg.min_gap)  # fmt: skip
         if not order:
             break
-        revealed.extend(u.index for u in order[: cfg.per_round])
+        picked = order[: cfg.per_round]
+        effort += unit_effort(picked, shown, labels, cfg.review_fraction)
+        revealed.extend(u.index for u in picked)
     return curve
 
 

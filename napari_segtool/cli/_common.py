@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from napari_segtool.config import FinetuneConfig
+from napari_segtool.config import BALANCE_MODES, FinetuneConfig
 from napari_segtool.errors import InputError
 
 if TYPE_CHECKING:
@@ -293,6 +293,16 @@ def add_precision_flag(parser: argparse.ArgumentParser, *, compile_flag: bool = 
         )  # fmt: skip
 
 
+def add_balance_flag(parser: argparse.ArgumentParser) -> None:
+    """``--balance auto|off``: how a round treats rare foreground."""
+    parser.add_argument(
+        "--balance", choices=BALANCE_MODES, default="auto",
+        help="auto: a class under 5 %% of the labelled voxels gets more patches centred on it, "
+        "a heavier loss weight and up to 4x the steps (the plan is in the output); off: the "
+        "fixed round",
+    )  # fmt: skip
+
+
 def finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfig:
     """The training flags shared by ``train`` and ``simulate``; fine-tuning (``--init``)
     defaults to a lower learning rate than training a new model."""
@@ -304,6 +314,7 @@ def finetune_config(args: argparse.Namespace, **extra: object) -> FinetuneConfig
         learning_rate=args.learning_rate or (5e-4 if args.init else 2e-3),
         device=args.device,
         precision=args.precision,
+        balance=getattr(args, "balance", "auto"),
         **extra,  # type: ignore[arg-type]
     )
 

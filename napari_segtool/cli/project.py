@@ -18,6 +18,7 @@ import numpy as np
 
 from napari_segtool.cli._common import (
     TerminalProgress,
+    add_balance_flag,
     add_precision_flag,
     check_learning_rate,
     emit,
@@ -70,6 +71,7 @@ def add_parsers(sub: Any) -> None:
     ft.add_argument("--learning-rate", type=float, default=fdef.learning_rate)
     ft.add_argument("--device", choices=DEVICES, default=fdef.device)
     add_precision_flag(ft)
+    add_balance_flag(ft)
     ft.add_argument(
         "--image", type=Path, help="the project's image (default: the path the project records)"
     )
@@ -217,7 +219,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_learning_rate(args.learning_rate)
     config = FinetuneConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                             learning_rate=args.learning_rate, device=args.device,
-                            precision=args.precision)  # fmt: skip
+                            precision=args.precision, balance=args.balance)  # fmt: skip
     resolve_device(args.device)
     project = Project(args.folder, program=FINETUNE_PROGRAM)
     _need_project(project)

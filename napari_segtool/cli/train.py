@@ -14,6 +14,7 @@ import numpy as np
 
 from napari_segtool.cli._common import (
     TerminalProgress,
+    add_balance_flag,
     add_precision_flag,
     check_learning_rate,
     check_output,
@@ -47,6 +48,7 @@ def _training_flags(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -
     parser.add_argument("--patch-shape", type=tile_shape, help="training patch, e.g. 256,256")
     parser.add_argument("--device", choices=DEVICES, default=defaults.device)
     add_precision_flag(parser)
+    add_balance_flag(parser)
 
 
 def add_parsers(sub: Any) -> None:
@@ -111,6 +113,9 @@ def add_parsers(sub: Any) -> None:
     sim.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1")
     sim.add_argument("--tile", type=int, default=128, help="tile size of a 2D image's units")
     sim.add_argument("--held-out", type=float, default=0.3, help="fraction of units held out")
+    sim.add_argument("--review-fraction", type=float, default=0.01,
+                     help="effort of reviewing a unit, as a share of its voxels (added to the "
+                     "voxels the shown prediction gets wrong in it)")  # fmt: skip
     _training_flags(sim, fdef)
     sim.add_argument("--learning-rate", type=float, help="default: 5e-4 with --init, else 2e-3")
     sim.add_argument("--json", action="store_true", help="print the curves as one JSON object")
@@ -188,12 +193,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mean_curve(runs: list[dict[str, Any]]) -> list[list[float]]:
-    """The seeds' mean Dice per round (empty when their curves differ in length)."""
-    lengths = {len(r["curve"]) for r in runs}
+def _mean_curve(runs: list[dict[str, Any]], key: str = "curve") -> list[list[float]]:
+    """The seeds' mean ``[x, Dice]`` per round (empty when their curves differ in length).
+
+    ``x`` is the revealed units (the same for every seed) or, for ``effort_curve``, the mean
+    effort in voxels over the seeds at that round."""
+    lengths = {len(r[key]) for r in runs}
     if len(lengths) != 1:
         return []
-    return [[runs[0]["curve"][i][0], float(np.mean([r["curve"][i][1] for r in runs]))]
+    return [[float(np.mean([r[key][i][0] for r in runs])) if key != "curve"
+             else runs[0][key][i][0], float(np.mean([r[key][i][1] for r in runs]))]
             for i in range(lengths.pop())]  # fmt: skip
 
 
@@ -215,6 +224,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimulationConfig(strategy=args.strategy, score=args.score, initial=args.initial,
                               rounds=args.rounds, per_round=args.per_round,
                               held_out_fraction=args.held_out, tile=args.tile,
+                              review_fraction=args.review_fraction,
                               finetune=finetune_config(args))  # fmt: skip
     tile = (256, 256) if labels.ndim == 3 else (args.tile, args.tile)
     runs = []
@@ -235,12 +245,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 if not args.json:
                     progress.write(
                         f"seed {seed} round {point.round}: {point.n_revealed} units, "
-                        f"held-out Dice {point.dice:.4f} ({point.seconds:.0f} s)"
+                        f"{point.effort:,} voxels of effort, held-out Dice {point.dice:.4f} "
+                        f"({point.seconds:.0f} s)"
                     )
             runs.append({"seed": seed, "curve": [[p.n_revealed, p.dice] for p in curve],
+                         "effort_curve": [[p.effort, p.dice] for p in curve],
                          "revealed": list(curve[-1].revealed)})  # fmt: skip
     out = {"strategy": args.strategy, "units": "slices" if labels.ndim == 3 else "tiles",
-           "seeds": runs, "mean": _mean_curve(runs), "label_values": list(values)}  # fmt: skip
+           "seeds": runs, "mean": _mean_curve(runs),
+           "mean_effort": _mean_curve(runs, key="effort_curve"),
+           "review_fraction": args.review_fraction, "label_values": list(values)}  # fmt: skip
     if args.output is not None:
         write_json(args.output, out)
     if args.json:

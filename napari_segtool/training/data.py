@@ -193,6 +193,10 @@ class PatchSampler:
     foreground_fraction : float
         Share of patches centred on a valid foreground voxel (class > 0); the rest are
         centred on any valid voxel.
+    class_balanced : bool
+        Draw a foreground centre's class uniformly among the labelled foreground classes
+        (then an image in proportion to its voxels of that class), so a rare class is the
+        centre as often as a common one. Off: any foreground voxel, uniformly per image.
     """
 
     images: Sequence[NDArray[np.float32]]
@@ -200,6 +204,7 @@ class PatchSampler:
     valid: Sequence[NDArray[np.bool_] | None]
     patch_shape: tuple[int, ...]
     foreground_fraction: float = 0.5
+    class_balanced: bool = False
 
     def __post_init__(self) -> None:
         if not (len(self.images) == len(self.labels) == len(self.valid)) or not self.images:
@@ -223,6 +228,23 @@ class PatchSampler:
                 self._items.append((img, lab, v, fg, anyv))
         if not self._items:
             raise InputError("no labelled voxels to train on")
+        # class -> (item indices, their voxels of it); only for class-balanced centres
+        self._by_class: dict[int, tuple[list[int], list[NDArray[np.intp]]]] = {}
+        if self.class_balanced:
+            for k, (_, lab, _, fg, _) in enumerate(self._items):
+                classes = lab.ravel()[fg]
+                for c in np.unique(classes):
+                    items, voxels = self._by_class.setdefault(int(c), ([], []))
+                    items.append(k)
+                    voxels.append(fg[classes == c])
+
+    def _balanced_centre(self, rng: np.random.Generator) -> tuple[int, NDArray[np.intp]]:
+        """An item and its voxels of a foreground class drawn uniformly."""
+        classes = sorted(self._by_class)
+        items, voxels = self._by_class[classes[int(rng.integers(len(classes)))]]
+        sizes = np.array([v.size for v in voxels], float)
+        j = int(rng.choice(len(items), p=sizes / sizes.sum()))
+        return items[j], voxels[j]
 
     def sample(
         self, batch_size: int, rng: np.random.Generator, *, augment_patches: bool = True
@@ -232,6 +254,9 @@ class PatchSampler:
         for _ in range(batch_size):
             img, lab, v, fg, anyv = self._items[int(rng.integers(len(self._items)))]
             pool = fg if fg.size and rng.random() < self.foreground_fraction else anyv
+            if self._by_class and pool is fg:
+                k, pool = self._balanced_centre(rng)
+                img, lab, v, fg, anyv = self._items[k]
             centre = np.unravel_index(int(pool[rng.integers(pool.size)]), lab.shape)
             start = [
                 int(np.clip(c - p // 2 + rng.integers(-(p // 4), p // 4 + 1), 0, s - p))

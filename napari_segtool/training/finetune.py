@@ -37,6 +37,7 @@ from napari_segtool.inference.tiling import relay, run_to_end
 from napari_segtool.io.labelled import labelled_mask
 from napari_segtool.metrics.overlap import overlap_metrics
 from napari_segtool.model.checkpoint import SegmentationModel
+from napari_segtool.training.balance import RoundPlan, class_counts, plan_round
 from napari_segtool.training.data import PatchSampler, labels_to_channels
 from napari_segtool.training.lazy_patches import LabelledBoxes, LazyPatchSampler
 from napari_segtool.training.loop import EpochReport, StepProgress, iter_train
@@ -92,9 +93,12 @@ class FinetuneResult:
     validation_voxels: int
     reports: list[EpochReport] = field(default_factory=list)
     note: str | None = None
+    plan: dict[str, object] | None = None  # what the round chose (training.balance)
 
     def summary(self) -> dict[str, object]:
         extra = {} if self.note is None else {"note": self.note}
+        if self.plan is not None:
+            extra["plan"] = self.plan
         return {
             **extra,
             "baseline_dice": self.baseline_dice,
@@ -134,7 +138,12 @@ def _prepare(item: LabelledImage, model: SegmentationModel, cfg: FinetuneConfig)
     check_values(image)
     mask = np.ones(item.labels.shape, bool) if item.mask is None else item.mask.astype(bool)
     channels = labels_to_channels(item.labels, model.label_values or (), mask=mask)
-    train, val = split_validation(mask, fraction=cfg.validation_fraction, seed=cfg.seed)
+    train, val = split_validation(
+        mask,
+        fraction=cfg.validation_fraction,
+        seed=cfg.seed,
+        labels=channels if cfg.balance == "auto" else None,
+    )
     lo, hi = percentile_range(image, model.normalization, channel_axis=-1 if rgb else None)
     chans = np.moveaxis(image, -1, 0) if rgb else image[np.newaxis]
     return _Prepared(
@@ -248,14 +257,18 @@ def iter_finetune(
     labelled = sum(int(p.train.sum() + p.val.sum()) for p in prepared)
     n_val = sum(int(p.val.sum()) for p in prepared)
     inference = _inference_config(cfg)
-    sampler = _sampler(prepared, model, cfg)
+    counts = class_counts([p.labels for p in prepared], [p.train for p in prepared],
+                          model.config.out_channels)  # fmt: skip
+    plan = plan_round(counts, steps_per_epoch=cfg.steps_per_epoch, balance=cfg.balance)
+    logger.info("fine-tune plan: %s", plan.reason)
+    sampler = _sampler(prepared, model, cfg, plan)
 
     def validate(m: SegmentationModel) -> tuple[float, float]:
         return masked_scores(m, prepared, inference=inference)
 
     return (yield from _run_round(model, sampler, validate, cfg=cfg, labelled=labelled,
                                   n_val=n_val, resume=resume, progress_every=progress_every,
-                                  t0=t0))  # fmt: skip
+                                  t0=t0, plan=plan))  # fmt: skip
 
 
 def _run_round(
@@ -269,11 +282,12 @@ def _run_round(
     resume: bool,
     progress_every: int | None,
     t0: float,
+    plan: RoundPlan | None = None,
 ) -> Generator[EpochReport | StepProgress, None, FinetuneResult]:
     """Train a copy of ``model``, validate and decide: the part both rounds share."""
     baseline = validate(model)[0] if n_val else None
     work = _working_copy(model, resume=resume)
-    tcfg = _training_config(cfg, sampler.patch_shape)
+    tcfg = _training_config(cfg, sampler.patch_shape, plan)
     reports: list[EpochReport] = []
 
     def keep(item: EpochReport | StepProgress) -> EpochReport | StepProgress:
@@ -317,6 +331,9 @@ def _run_round(
         validation_voxels=n_val,
         reports=reports,
         note=note,
+        plan=None
+        if plan is None
+        else {**plan.summary(), "patch_shape": list(tcfg.patch_shape), "steps": tcfg.steps},
     )
     logger.info("fine-tune: %s", result.summary())
     return result
@@ -357,13 +374,16 @@ def _working_copy(model: SegmentationModel, *, resume: bool) -> SegmentationMode
     return work
 
 
-def _training_config(cfg: FinetuneConfig, patch_shape: tuple[int, ...]) -> TrainingConfig:
+def _training_config(cfg: FinetuneConfig, patch_shape: tuple[int, ...],
+                     plan: RoundPlan | None = None) -> TrainingConfig:  # fmt: skip
+    per_epoch = cfg.steps_per_epoch if plan is None else plan.steps_per_epoch
     return TrainingConfig(
         patch_shape=patch_shape,
         batch_size=cfg.batch_size,
-        steps=cfg.epochs * cfg.steps_per_epoch,
+        steps=cfg.epochs * per_epoch,
         learning_rate=cfg.learning_rate,
-        steps_per_epoch=cfg.steps_per_epoch,
+        steps_per_epoch=per_epoch,
+        class_weights=None if plan is None else plan.class_weights,
         seed=cfg.seed,
         device=cfg.device,
         precision=cfg.precision,
@@ -391,7 +411,10 @@ def _decision(
 
 
 def _sampler(
-    prepared: Sequence[_Prepared], model: SegmentationModel, cfg: FinetuneConfig
+    prepared: Sequence[_Prepared],
+    model: SegmentationModel,
+    cfg: FinetuneConfig,
+    plan: RoundPlan,
 ) -> PatchSampler:
     """Patches from the training voxels; a 2D model on a stack gets the labelled slices."""
     images, labels, masks = [], [], []
@@ -420,7 +443,9 @@ def _sampler(
         int(min(s, max(stride, math.ceil(b / stride) * stride)))
         for s, b in zip(shape, biggest, strict=True)
     )
-    return PatchSampler(images, labels, masks, shape, foreground_fraction=0.5)
+    return PatchSampler(images, labels, masks, shape,
+                        foreground_fraction=plan.foreground_fraction,
+                        class_balanced=plan.class_balanced)  # fmt: skip
 
 
 # -- larger than memory: box by box ----------------------------------------------------------
