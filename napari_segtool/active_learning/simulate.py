@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from napari_segtool.active_learning.diversity import diverse_uncertain, unit_features
 from napari_segtool.active_learning.scoring import Unit, make_units, score_units
 from napari_segtool.active_learning.select import STRATEGIES, rank
 from napari_segtool.active_learning.uncertainty import voxel_uncertainty
@@ -37,6 +38,11 @@ from napari_segtool.training.data import labels_to_channels
 from napari_segtool.training.finetune import LabelledImage, iter_finetune
 
 logger = logging.getLogger(__name__)
+
+SIMULATION_STRATEGIES = (*STRATEGIES, "uncertainty-diverse")
+"""What ``simulate`` can measure: the Queue's strategies, and ``uncertainty-diverse`` (the
+most uncertain units spread out by k-center greedy on their predicted probabilities,
+:mod:`~napari_segtool.active_learning.diversity`), not yet offered in the Queue."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,9 @@ class SimulationConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise InputError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy not in SIMULATION_STRATEGIES:
+            raise InputError(f"strategy must be one of {SIMULATION_STRATEGIES}, "
+                             f"got {self.strategy!r}")  # fmt: skip
         if self.initial < 1 or self.per_round < 1 or self.rounds < 0:
             raise InputError("initial and per_round must be >= 1 and rounds >= 0")
         if not 0 < self.held_out_fraction < 1:
@@ -184,20 +191,38 @@ def iter_simulate(
         if r == cfg.rounds:
             break
         shown = seg.labels  # the prediction the user corrects next
-        if cfg.strategy == "uncertainty":
-            seg = segment(image, current, config=with_tta)
-            unc = voxel_uncertainty(seg)
-        else:
-            unc = np.zeros(labels.shape, np.float32)
-        scored = score_units(pool, unc, seg.labels, reduce=cfg.score)
-        order = rank(scored, strategy=cfg.strategy, seed=seed * 1000 + r,
-                     exclude=revealed, min_gap=cfg.min_gap)  # fmt: skip
-        if not order:
+        picked = _choose(image, current, pool, [by_index[i] for i in revealed], seg.labels,
+                         cfg=cfg, tta=with_tta, seed=seed * 1000 + r)  # fmt: skip
+        if not picked:
             break
-        picked = order[: cfg.per_round]
         effort += unit_effort(picked, shown, labels, cfg.review_fraction)
         revealed.extend(u.index for u in picked)
     return curve
+
+
+def _choose(image: NDArray, model: SegmentationModel, pool: list[Unit], revealed: list[Unit],
+            labels: NDArray, *, cfg: SimulationConfig, tta: InferenceConfig,
+            seed: int) -> list[Unit]:  # fmt: skip
+    """The next ``cfg.per_round`` units by the strategy (``labels``: the current prediction)."""
+    diverse = cfg.strategy == "uncertainty-diverse"
+    if cfg.strategy.startswith("uncertainty"):
+        seg = segment(image, model, config=tta, return_probabilities=diverse)
+        unc, labels = voxel_uncertainty(seg), seg.labels
+    else:
+        unc = np.zeros(labels.shape, np.float32)
+    scored = score_units(pool, unc, labels, reduce=cfg.score)
+    done = [u.index for u in revealed]
+    if diverse:
+        assert seg.probabilities is not None
+        return diverse_uncertain(
+            scored,
+            unit_features(seg.probabilities, scored),
+            cfg.per_round,
+            revealed=done,
+            revealed_features=unit_features(seg.probabilities, revealed),
+        )
+    order = rank(scored, strategy=cfg.strategy, seed=seed, exclude=done, min_gap=cfg.min_gap)
+    return order[: cfg.per_round]
 
 
 def reference_dice(

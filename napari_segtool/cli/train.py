@@ -41,6 +41,10 @@ IN_MEMORY = (
 )
 
 
+# active_learning.simulate.SIMULATION_STRATEGIES, without importing torch to build the parser
+SIM_STRATEGIES = ("uncertainty", "uncertainty-diverse", "random", "foreground-random")
+
+
 def _training_flags(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
@@ -98,8 +102,9 @@ def add_parsers(sub: Any) -> None:
     )
     sim.add_argument("labels", type=Path,
                      help="the full reference labels (TIFF, NIfTI, .zarr, ...)")  # fmt: skip
-    sim.add_argument("--strategy", choices=("uncertainty", "random", "foreground-random"),
-                     default="uncertainty")  # fmt: skip
+    sim.add_argument("--strategy", choices=SIM_STRATEGIES, default="uncertainty",
+                     help="uncertainty-diverse: the most uncertain units spread out by k-center "
+                     "greedy on their predicted probabilities")  # fmt: skip
     sim.add_argument(
         "--score",
         choices=("top", "mean"),
