@@ -25,6 +25,7 @@ import napari.layers
 from napari_segtool.config import InferenceConfig
 from napari_segtool.errors import InputError
 from napari_segtool.inference import Progress
+from napari_segtool.inference.tiling import relay
 from napari_segtool.io.names import image_stem
 
 #: Marks a layer opened from a cluster run's output (the store's path).
@@ -109,12 +110,8 @@ def run_cluster_job(job: ClusterJob) -> Generator[Progress, None, ClusterOutput]
     inp = cluster_input(job.image_path, job.outputs, model, region=job.region)
     run = iter_segment_on_cluster(job.scheduler, [inp], model, config=job.config,
                                   cancel=job.cancel)  # fmt: skip
-    while True:
-        try:
-            done, total = next(run)
-        except StopIteration as end:
-            return ClusterOutput(job.outputs["labels"], end.value)
-        yield Progress(done, total)
+    summary = yield from relay(run, lambda report: Progress(*report))
+    return ClusterOutput(job.outputs["labels"], summary)
 
 
 def open_result(viewer: napari.viewer.Viewer, job: ClusterJob,

@@ -31,7 +31,6 @@ from napari_segtool.cluster.tasks import (
     resolve_settings,
     segment_box,
     value_range,
-    workers_per_host,
 )
 from napari_segtool.config import InferenceConfig
 from napari_segtool.errors import InputError
@@ -181,9 +180,8 @@ def segment_on_cluster(
     digest = _model_digest(model)
     name = plugin_name(digest)
     _wait_for_workers(client)
-    info = client.scheduler_info()
-    plugin = ModelPlugin(model_file_bytes(model), name, threads, workers_per_host(info),
-                         addresses=sorted(info.get("workers", {})))  # fmt: skip
+    addresses = sorted(client.scheduler_info().get("workers", {}))
+    plugin = ModelPlugin(model_file_bytes(model), name, threads, addresses=addresses)
     client.register_plugin(plugin, name=name)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     voxels = sum(int(np.prod(inp.shape)) for inp in inputs)

@@ -134,10 +134,8 @@ class ModelPlugin(WorkerPlugin):
     threads : int, optional
         Torch threads per worker (a LocalCluster's share of the cores). Without it, each
         worker takes its usable cores (its CPU affinity: a SLURM job's allocation) divided
-        by the number of workers on its host in ``per_host``: dask's nanny sets
+        by the number of workers on its host among ``addresses``: dask's nanny sets
         ``OMP_NUM_THREADS=1`` in every worker, which would leave torch one core.
-    per_host : dict, optional
-        Workers per host address when the run started.
     addresses : sequence of str, optional
         The workers' addresses when the run started: on a host with several GPUs, each
         worker takes GPU ``i % count``, ``i`` its place among the host's workers (one model
@@ -145,10 +143,8 @@ class ModelPlugin(WorkerPlugin):
     """
 
     def __init__(self, model_file: bytes, name: str, threads: int | None = None,
-                 per_host: dict[str, int] | None = None,
                  addresses: Sequence[str] = ()) -> None:  # fmt: skip
         self.model_file, self.name, self.threads = model_file, name, threads
-        self.per_host = dict(per_host or {})
         self.addresses = tuple(addresses)
         self._reset()
 
@@ -162,7 +158,7 @@ class ModelPlugin(WorkerPlugin):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"model_file": self.model_file, "name": self.name, "threads": self.threads,
-                "per_host": self.per_host, "addresses": self.addresses}  # fmt: skip
+                "addresses": self.addresses}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -176,7 +172,7 @@ class ModelPlugin(WorkerPlugin):
         threads = self.threads
         if not threads:
             host = _host(getattr(worker, "address", "") or "")
-            threads = max(1, usable_cores() // max(1, self.per_host.get(host, 1)))
+            threads = max(1, usable_cores() // workers_per_host(self.addresses).get(host, 1))
         torch.set_num_threads(threads)
         if torch.cuda.is_available() and torch.cuda.device_count() > 1:
             rank = local_rank(getattr(worker, "address", "") or "", self.addresses)
@@ -252,16 +248,15 @@ def local_rank(address: str, addresses: Sequence[str]) -> int:
     return same.index(address) if address in same else 0
 
 
-def workers_per_host(info: dict[str, Any]) -> dict[str, int]:
-    """Workers per host in a scheduler's ``scheduler_info()``.
+def workers_per_host(addresses: Sequence[str]) -> dict[str, int]:
+    """Workers per host among worker ``addresses``.
 
-    >>> workers_per_host({"workers": {"tcp://a:1": {"host": "a"}, "tcp://a:2": {"host": "a"},
-    ...                               "tcp://b:1": {"host": "b"}}})
+    >>> workers_per_host(["tcp://a:1", "tcp://a:2", "tcp://b:1"])
     {'a': 2, 'b': 1}
     """
     counts: dict[str, int] = {}
-    for address, w in info.get("workers", {}).items():
-        host = w.get("host") or _host(address)
+    for address in addresses:
+        host = _host(address)
         counts[host] = counts.get(host, 0) + 1
     return counts
 

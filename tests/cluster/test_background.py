@@ -10,6 +10,7 @@ from napari_segtool.cluster.background import CancelledError, iter_segment_on_cl
 from napari_segtool.cluster.inputs import cluster_input
 from napari_segtool.config import InferenceConfig
 from napari_segtool.errors import InputError
+from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.io.zarr_io import read_zarr
 from napari_segtool.model import load_model
 from tests.cluster.test_segment_cluster import (
@@ -22,11 +23,7 @@ CONFIG = replace(InferenceConfig(), precision="fp32", compile="off", device="cpu
 
 def drain(run):
     reports = []
-    while True:
-        try:
-            reports.append(next(run))
-        except StopIteration as end:
-            return reports, end.value
+    return reports, run_to_end(run, reports.append)
 
 
 def test_progress_then_cancel_then_a_rerun_resumes_to_the_in_process_labels(tmp_path, volume):  # noqa: F811

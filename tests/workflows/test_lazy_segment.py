@@ -8,6 +8,7 @@ from napari_segtool.errors import InputError
 from napari_segtool.inference.blocks import subsample_range
 from napari_segtool.inference.normalize import percentile_range
 from napari_segtool.inference.predict import segment
+from napari_segtool.inference.tiling import run_to_end
 from napari_segtool.io.project import Project
 from napari_segtool.model import SegmentationModel
 from napari_segtool.workflows.lazy_segment import (
@@ -47,11 +48,7 @@ def start(tmp_path, shape, model, chunks=(1, 16, 16)):
 
 def drain(gen):
     seen = []
-    while True:
-        try:
-            seen.append(next(gen))
-        except StopIteration as stop:
-            return seen, stop.value
+    return seen, run_to_end(gen, seen.append)
 
 
 def both_classes(model, image, config, value_range):
