@@ -5,9 +5,11 @@ hard region). :func:`k_center_greedy` (Sener & Savarese, ICLR 2018) instead adds
 time, the candidate farthest from everything chosen or already revealed, so a batch covers
 the kinds of units the model sees. :func:`diverse_uncertain` applies it to the most
 uncertain candidates only (``pool_factor`` times the batch), which keeps the batch
-informative as well as spread out. Features come from :func:`unit_features`: each unit's
-predicted class probabilities pooled onto a coarse grid, a description of what the network
-makes of the unit (its output, not its bottleneck).
+informative as well as spread out. Features come from
+:func:`~napari_segtool.active_learning.scoring.pooled_features`, read while the units are
+scored: each unit's predicted foreground and its uncertainty pooled onto a coarse grid, a
+description of what the network makes of the unit (its output, not its bottleneck), which
+the Queue has from its layers and ``simulate`` from its predictions alike.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from numpy.typing import NDArray
 from napari_segtool.active_learning.scoring import Unit
 from napari_segtool.errors import InputError
 
-__all__ = ["diverse_uncertain", "k_center_greedy", "unit_features"]
+__all__ = ["diverse_uncertain", "k_center_greedy"]
 
 
 def k_center_greedy(
@@ -59,25 +61,6 @@ def k_center_greedy(
             return picked
         nearest[picked] = -1.0
         picked.append(int(np.argmax(nearest)))
-
-
-def unit_features(probabilities: NDArray, units: Sequence[Unit], grid: int = 8) -> NDArray:
-    """One row per unit: its foreground class probabilities averaged on ``grid`` x ``grid``.
-
-    ``probabilities`` is ``(C, *S)`` for the image's spatial shape ``S``; background (class
-    0) is left out, since it is one minus the rest.
-    """
-    p = np.asarray(probabilities, np.float32)
-    rows = []
-    for u in units:
-        block = p[(slice(1, None), *u.region)]
-        plane = block.reshape(block.shape[0], *block.shape[-2:])  # (C-1, Y, X) of the unit
-        ys = np.array_split(np.arange(plane.shape[-2]), min(grid, plane.shape[-2]))
-        xs = np.array_split(np.arange(plane.shape[-1]), min(grid, plane.shape[-1]))
-        cells = [plane[:, y[0] : y[-1] + 1, x[0] : x[-1] + 1].mean(axis=(1, 2))
-                 for y in ys for x in xs]  # fmt: skip
-        rows.append(np.concatenate(cells))
-    return np.stack(rows)
 
 
 def diverse_uncertain(

@@ -1,9 +1,13 @@
-"""Units to correct (slices of a stack or tiles of a 2D image) and their scores.
+"""Units to correct (slices, patches within slices, tiles of a 2D image) and their scores.
 
-A *unit* is what the user is asked to correct in one go: a whole slice of a 3D stack, or a
-square tile of a large 2D image. Its score is the mean per-voxel uncertainty inside it; its
-foreground fraction (the share of voxels predicted as any class but background) lets a
-strategy skip units with nothing to segment.
+A *unit* is what the user is asked to correct in one go: a whole slice of a 3D stack, a
+square patch within one slice of a stack, or a square tile of a large 2D image. Its score is
+the mean (or top 5 %) per-voxel score inside it (uncertainty, or another per-voxel map of
+:mod:`~napari_segtool.active_learning.signals`); its foreground fraction (the share of voxels
+predicted as any class but background) lets a strategy skip units with nothing to segment;
+its ``features`` (optional: the foreground and the score pooled on a coarse grid) describe
+what the unit looks like to the model, for batches that are not near copies
+(:mod:`~napari_segtool.active_learning.diversity`).
 
 Scoring reads the uncertainty and the labels block by block (:func:`iter_score_units`): runs
 of neighbouring units whose regions together fill a box (a few slices of a stack, the tiles
@@ -28,10 +32,12 @@ from napari_segtool.metrics.tracker import BLOCK_VOXELS
 
 @dataclass(frozen=True)
 class Unit:
-    """One slice or tile.
+    """One slice, patch or tile.
 
-    ``index`` is the slice number, or the tile's row-major number in the tile grid;
-    ``grid`` its position (``(z,)`` or ``(row, col)``); ``region`` the index into the image.
+    ``index`` is the slice number, or the row-major number of the patch or tile in its grid;
+    ``grid`` its position (``(z,)``, ``(z, row, col)`` or ``(row, col)``); ``region`` the
+    index into the image. ``score``, ``foreground`` and ``features`` come from
+    :func:`iter_score_units`.
     """
 
     index: int
@@ -39,38 +45,60 @@ class Unit:
     region: tuple[slice, ...]
     score: float = 0.0
     foreground: float = 0.0
+    features: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
         if len(self.grid) == 1:
             return f"slice {self.grid[0]}"
-        r = self.region
-        return f"tile y {r[0].start}-{r[0].stop}, x {r[1].start}-{r[1].stop}"
+        r = self.region[-2:]
+        where = f"y {r[0].start}-{r[0].stop}, x {r[1].start}-{r[1].stop}"
+        return f"slice {self.grid[0]}, {where}" if len(self.grid) == 3 else f"tile {where}"
+
+    @property
+    def box(self) -> tuple[int, int, int, int, int]:
+        """``(z, y0, y1, x0, x1)`` of a patch (``z`` 0 for a tile of a 2D image), as a
+        project records a reviewed patch."""
+        if len(self.grid) == 1:
+            raise InputError(f"{self.label} is a whole slice, not a patch")
+        ys, xs = self.region[-2:]
+        return (self.grid[0] if len(self.grid) == 3 else 0, ys.start, ys.stop, xs.start,
+                xs.stop)  # fmt: skip
 
 
 def make_units(shape: tuple[int, ...], *, tile: int | None = None) -> list[Unit]:
-    """Slices of a ``(Z, Y, X)`` stack, or ``tile`` x ``tile`` tiles of a ``(Y, X)`` image.
+    """Slices of a ``(Z, Y, X)`` stack, ``tile`` x ``tile`` patches within each of its
+    slices, or ``tile`` x ``tile`` tiles of a ``(Y, X)`` image.
 
-    Edge tiles are smaller when ``tile`` does not divide the image.
+    Edge tiles and patches are smaller when ``tile`` does not divide the image.
 
     >>> [u.label for u in make_units((2, 8, 8))]
     ['slice 0', 'slice 1']
     >>> [u.grid for u in make_units((5, 8), tile=4)]
     [(0, 0), (0, 1), (1, 0), (1, 1)]
+    >>> [u.label for u in make_units((2, 4, 8), tile=4)][1:3]
+    ['slice 0, y 0-4, x 4-8', 'slice 1, y 0-4, x 0-4']
     """
     if len(shape) == 3 and tile is None:
         return [Unit(z, (z,), (slice(z, z + 1),)) for z in range(shape[0])]
-    if len(shape) != 2:
-        raise InputError(f"units are slices of a 3D stack or tiles of a 2D image, got {shape}")
+    if len(shape) not in (2, 3):
+        raise InputError(f"units are slices or patches of a 3D stack or tiles of a 2D image, "
+                         f"got {shape}")  # fmt: skip
     if tile is None or tile < 1:
         raise InputError("give the tile size for a 2D image")
     units = []
-    rows, cols = -(-shape[0] // tile), -(-shape[1] // tile)
-    for r in range(rows):
-        for c in range(cols):
-            region = (slice(r * tile, min((r + 1) * tile, shape[0])),
-                      slice(c * tile, min((c + 1) * tile, shape[1])))  # fmt: skip
-            units.append(Unit(r * cols + c, (r, c), region))
+    ny, nx = shape[-2:]
+    rows, cols = -(-ny // tile), -(-nx // tile)
+    for z in range(shape[0] if len(shape) == 3 else 1):
+        for r in range(rows):
+            for c in range(cols):
+                region = (slice(r * tile, min((r + 1) * tile, ny)),
+                          slice(c * tile, min((c + 1) * tile, nx)))  # fmt: skip
+                if len(shape) == 3:
+                    grid, region = (z, r, c), (slice(z, z + 1), *region)
+                else:
+                    grid = (r, c)
+                units.append(Unit(len(units), grid, region))
     return units
 
 
@@ -158,6 +186,7 @@ def iter_score_units(
     top_fraction: float = 0.05,
     value_range: tuple[float, float] | None = None,
     block_voxels: int = BLOCK_VOXELS,
+    features_grid: int | None = None,
 ) -> Generator[ScoreProgress, None, list[Unit]]:
     """Score ``units`` block by block, yielding progress; the return value is the units.
 
@@ -180,6 +209,9 @@ def iter_score_units(
         volume.
     block_voxels : int
         Voxels per array and block; a unit larger than that is read on its own.
+    features_grid : int, optional
+        Also give each unit its ``features`` (:func:`pooled_features`: the predicted
+        foreground and the score averaged on this grid), read in the same pass.
 
     Yields
     ------
@@ -217,11 +249,37 @@ def iter_score_units(
                                                                        strict=True))  # fmt: skip
             score = 0.0 if unc is None else _score(unc[sub], reduce, top_fraction)
             fg = float(np.mean(lab[sub] > 0)) if lab is not None else 0.0
-            out.append(Unit(u.index, u.grid, u.region, score, fg))
+            feats: tuple[float, ...] = ()
+            if features_grid:
+                fg_mask = None if lab is None else lab[sub] > 0
+                feats = pooled_features(fg_mask, None if unc is None else unc[sub], features_grid)
+            out.append(Unit(u.index, u.grid, u.region, score, fg, feats))
         yield ScoreProgress(len(out), len(units), low, high)
     if value_range is not None and uncertainty is not None and out and low > high:
         raise ValueRangeError(float("nan"), float("nan"), value_range)  # NaN everywhere
     return out
+
+
+def pooled_features(foreground: NDArray | None, score: NDArray | None,
+                    grid: int = 8) -> tuple[float, ...]:  # fmt: skip
+    """A unit's foreground mask and per-voxel score, each averaged on ``grid`` x ``grid``.
+
+    Both are arrays of the unit's region (trailing two axes in-plane; a missing one is left
+    out). Units smaller than the grid pool on as many cells as they have rows or columns.
+
+    >>> fg = np.zeros((1, 4, 4), bool); fg[0, :2] = True
+    >>> pooled_features(fg, None, 2)
+    (1.0, 1.0, 0.0, 0.0)
+    """
+    out: list[float] = []
+    for arr in (foreground, score):
+        if arr is None:
+            continue
+        plane = np.asarray(arr, np.float32).reshape(-1, *arr.shape[-2:]).mean(axis=0)
+        ys = np.array_split(np.arange(plane.shape[0]), min(grid, plane.shape[0]))
+        xs = np.array_split(np.arange(plane.shape[1]), min(grid, plane.shape[1]))
+        out += [float(plane[y[0] : y[-1] + 1, x[0] : x[-1] + 1].mean()) for y in ys for x in xs]
+    return tuple(out)
 
 
 def score_units(
@@ -231,6 +289,7 @@ def score_units(
     *,
     reduce: str = "mean",
     top_fraction: float = 0.05,
+    features_grid: int | None = None,
 ) -> list[Unit]:
     """The units with their ``score`` and ``foreground`` (share of labels > 0).
 
@@ -245,6 +304,6 @@ def score_units(
     >>> [(s.score, s.foreground) for s in score_units(u, unc, (unc > 0).astype(int))]
     [(0.0, 0.0), (0.5, 0.5)]
     """
-    return run_to_end(
-        iter_score_units(units, uncertainty, labels, reduce=reduce, top_fraction=top_fraction)
-    )
+    scoring = iter_score_units(units, uncertainty, labels, reduce=reduce,
+                               top_fraction=top_fraction, features_grid=features_grid)  # fmt: skip
+    return run_to_end(scoring)

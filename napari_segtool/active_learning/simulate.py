@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from napari_segtool.active_learning.diversity import diverse_uncertain, unit_features
 from napari_segtool.active_learning.scoring import Unit, make_units, score_units
 from napari_segtool.active_learning.select import STRATEGIES, rank
+from napari_segtool.active_learning.signals import class_rarity, rarity_weights, version_change
 from napari_segtool.active_learning.uncertainty import voxel_uncertainty
 from napari_segtool.config import FinetuneConfig, InferenceConfig
 from napari_segtool.errors import InputError
@@ -39,10 +39,13 @@ from napari_segtool.training.finetune import LabelledImage, iter_finetune
 
 logger = logging.getLogger(__name__)
 
-SIMULATION_STRATEGIES = (*STRATEGIES, "uncertainty-diverse")
-"""What ``simulate`` can measure: the Queue's strategies, and ``uncertainty-diverse`` (the
-most uncertain units spread out by k-center greedy on their predicted probabilities,
-:mod:`~napari_segtool.active_learning.diversity`), not yet offered in the Queue."""
+SIMULATION_STRATEGIES = STRATEGIES
+"""What ``simulate`` can measure: the Queue's strategies
+(:mod:`~napari_segtool.active_learning.select`)."""
+UNIT_KINDS = ("slices", "patches")
+"""Units of a stack: whole slices, or ``tile`` x ``tile`` patches within its slices."""
+FEATURES_GRID = 8
+"""Grid of the pooled unit features that ``uncertainty-diverse`` spreads batches on."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class SimulationConfig:
     per_round: int = 2
     held_out_fraction: float = 0.3
     tile: int = 128
+    units: str = "slices"
     min_gap: int = 1
     score: str = "top"
     review_fraction: float = 0.01
@@ -68,6 +72,10 @@ class SimulationConfig:
             raise InputError("initial and per_round must be >= 1 and rounds >= 0")
         if not 0 < self.held_out_fraction < 1:
             raise InputError("held_out_fraction must be in (0, 1)")
+        if self.units not in UNIT_KINDS:
+            raise InputError(f"units must be one of {UNIT_KINDS}, got {self.units!r}")
+        if self.tile < 1:
+            raise InputError(f"tile must be >= 1, got {self.tile}")
         if not 0 <= self.review_fraction <= 1:
             raise InputError("review_fraction must be in [0, 1]")
 
@@ -151,13 +159,14 @@ def iter_simulate(
 ) -> Generator[RoundPoint, None, list[RoundPoint]]:
     """Run the simulated rounds, yielding the held-out Dice after each; returns the curve.
 
-    ``image`` is a ``(Z, Y, X)`` stack (units are slices) or a ``(Y, X)`` image (units are
-    ``config.tile`` tiles); ``labels`` the full reference. ``model`` is not modified.
+    ``image`` is a ``(Z, Y, X)`` stack (units are slices, or ``config.tile`` patches within
+    them with ``config.units="patches"``) or a ``(Y, X)`` image (units are ``config.tile``
+    tiles); ``labels`` the full reference. ``model`` is not modified.
     """
     cfg = config or SimulationConfig()
     if image.shape[: labels.ndim] != labels.shape:
         raise InputError(f"image {image.shape} and labels {labels.shape} do not match")
-    units = make_units(labels.shape, tile=cfg.tile if labels.ndim == 2 else None)
+    units = simulation_units(labels.shape, cfg)
     held = held_out_units(units, cfg.held_out_fraction)
     pool = [u for u in units if u.index not in held]
     if cfg.initial > len(pool):
@@ -175,13 +184,18 @@ def iter_simulate(
     by_index = {u.index: u for u in units}
     shown = segment(image, model, config=plain).labels  # what the user starts correcting
     effort = unit_effort([by_index[i] for i in revealed], shown, labels, cfg.review_fraction)
+    previous = latest = shown  # predictions of the previous and the current model version
     for r in range(cfg.rounds + 1):
         t0 = time.perf_counter()
         mask = _mask(labels.shape, units, set(revealed))
         result = _train(current, image, labels, mask, ft)
+        seg = None
         if result.promote:
             current = result.model
-        seg = segment(image, current, config=plain)
+            seg = segment(image, current, config=plain)
+            previous, latest = latest, seg.labels
+        if seg is None:
+            seg = segment(image, current, config=plain)
         point = RoundPoint(r, tuple(revealed), _dice(seg.labels, labels, held_mask, current),
                            time.perf_counter() - t0, effort)  # fmt: skip
         logger.info("%s seed %d round %d: %d units, %d voxels of effort, Dice %.4f",
@@ -191,8 +205,9 @@ def iter_simulate(
         if r == cfg.rounds:
             break
         shown = seg.labels  # the prediction the user corrects next
-        picked = _choose(image, current, pool, [by_index[i] for i in revealed], seg.labels,
-                         cfg=cfg, tta=with_tta, seed=seed * 1000 + r)  # fmt: skip
+        picked = _choose(image, current, units, set(held), revealed, seg.labels, previous,
+                         np.asarray(labels)[mask], cfg=cfg, tta=with_tta,
+                         seed=seed * 1000 + r)  # fmt: skip
         if not picked:
             break
         effort += unit_effort(picked, shown, labels, cfg.review_fraction)
@@ -200,28 +215,46 @@ def iter_simulate(
     return curve
 
 
-def _choose(image: NDArray, model: SegmentationModel, pool: list[Unit], revealed: list[Unit],
-            labels: NDArray, *, cfg: SimulationConfig, tta: InferenceConfig,
-            seed: int) -> list[Unit]:  # fmt: skip
-    """The next ``cfg.per_round`` units by the strategy (``labels``: the current prediction)."""
-    diverse = cfg.strategy == "uncertainty-diverse"
+def simulation_units(shape: tuple[int, ...], cfg: SimulationConfig) -> list[Unit]:
+    """The units of an image of ``shape`` under ``cfg`` (slices, patches or 2D tiles)."""
+    patches = len(shape) == 2 or cfg.units == "patches"
+    return make_units(shape, tile=cfg.tile if patches else None)
+
+
+def _choose(image: NDArray, model: SegmentationModel, units: list[Unit], held: set[int],
+            revealed: list[int], labels: NDArray, previous: NDArray, truth: NDArray, *,
+            cfg: SimulationConfig, tta: InferenceConfig, seed: int) -> list[Unit]:  # fmt: skip
+    """The next ``cfg.per_round`` units by the strategy.
+
+    ``labels`` is the current model's prediction, ``previous`` the previous version's,
+    ``truth`` the reference labels of the revealed voxels (for the class counts).
+    """
+    score_map: NDArray | None = None
     if cfg.strategy.startswith("uncertainty"):
-        seg = segment(image, model, config=tta, return_probabilities=diverse)
-        unc, labels = voxel_uncertainty(seg), seg.labels
-    else:
-        unc = np.zeros(labels.shape, np.float32)
-    scored = score_units(pool, unc, labels, reduce=cfg.score)
-    done = [u.index for u in revealed]
-    if diverse:
-        assert seg.probabilities is not None
-        return diverse_uncertain(
-            scored,
-            unit_features(seg.probabilities, scored),
-            cfg.per_round,
-            revealed=done,
-            revealed_features=unit_features(seg.probabilities, revealed),
-        )
-    order = rank(scored, strategy=cfg.strategy, seed=seed, exclude=done, min_gap=cfg.min_gap)
+        seg = segment(image, model, config=tta)
+        score_map, labels = voxel_uncertainty(seg), seg.labels
+    elif cfg.strategy == "disagreement":
+        score_map = version_change(labels, previous)
+    elif cfg.strategy == "class-balanced":
+        classes = model.config.out_channels
+        values = model.label_values or tuple(range(classes))
+        ids, counts = np.unique(truth, return_counts=True)
+        by_value = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        counts_by_class = {c: by_value.get(v, 0) for c, v in enumerate(values)}
+        weights = rarity_weights(counts_by_class, classes)
+        table = np.zeros(int(max(values)) + 1, np.float32)  # by label value, not channel
+        table[list(values)] = weights
+        score_map = class_rarity(labels, table)
+    if score_map is None:
+        score_map = np.zeros(labels.shape, np.float32)
+    grid = FEATURES_GRID if cfg.strategy == "uncertainty-diverse" else None
+    candidates = [u for u in units if u.index not in held]
+    # a class's share counts for class-balanced: the top 5 % of a unit is all one class
+    reduce = "mean" if cfg.strategy == "class-balanced" else cfg.score
+    scored = score_units(candidates, score_map, labels, reduce=reduce, features_grid=grid)
+    done = set(revealed)
+    order = rank(scored, strategy=cfg.strategy, seed=seed, exclude=done, min_gap=cfg.min_gap,
+                 batch=cfg.per_round, revealed=[u for u in scored if u.index in done])  # fmt: skip
     return order[: cfg.per_round]
 
 
@@ -235,7 +268,7 @@ def reference_dice(
 ) -> float:
     """Held-out Dice after training on every unit that can be revealed (the ceiling)."""
     cfg = config or SimulationConfig()
-    units = make_units(labels.shape, tile=cfg.tile if labels.ndim == 2 else None)
+    units = simulation_units(labels.shape, cfg)
     held = set(held_out_units(units, cfg.held_out_fraction))
     mask = _mask(labels.shape, units, {u.index for u in units if u.index not in held})
     result = _train(model, image, labels, mask, cfg.finetune.replace(seed=seed))

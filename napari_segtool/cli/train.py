@@ -42,7 +42,15 @@ IN_MEMORY = (
 
 
 # active_learning.simulate.SIMULATION_STRATEGIES, without importing torch to build the parser
-SIM_STRATEGIES = ("uncertainty", "uncertainty-diverse", "random", "foreground-random")
+SIM_STRATEGIES = (
+    "uncertainty",
+    "uncertainty-diverse",
+    "disagreement",
+    "class-balanced",
+    "random",
+    "foreground-random",
+)
+SIM_UNITS = ("slices", "patches")  # active_learning.simulate.UNIT_KINDS
 
 
 def _training_flags(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
@@ -104,7 +112,9 @@ def add_parsers(sub: Any) -> None:
                      help="the full reference labels (TIFF, NIfTI, .zarr, ...)")  # fmt: skip
     sim.add_argument("--strategy", choices=SIM_STRATEGIES, default="uncertainty",
                      help="uncertainty-diverse: the most uncertain units spread out by k-center "
-                     "greedy on their predicted probabilities")  # fmt: skip
+                     "greedy on their pooled foreground and uncertainty; disagreement: where "
+                     "the current and previous model versions differ; class-balanced: units "
+                     "showing the classes least labelled so far")  # fmt: skip
     sim.add_argument(
         "--score",
         choices=("top", "mean"),
@@ -116,7 +126,10 @@ def add_parsers(sub: Any) -> None:
     sim.add_argument("--rounds", type=int, default=4)
     sim.add_argument("--per-round", type=int, default=2, help="units revealed per round")
     sim.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1")
-    sim.add_argument("--tile", type=int, default=128, help="tile size of a 2D image's units")
+    sim.add_argument("--units", choices=SIM_UNITS, default="slices",
+                     help="units of a stack: slices, or --tile patches within slices")  # fmt: skip
+    sim.add_argument("--tile", type=int, default=128,
+                     help="size of a 2D image's tiles, or of a stack's patches")  # fmt: skip
     sim.add_argument("--held-out", type=float, default=0.3, help="fraction of units held out")
     sim.add_argument("--review-fraction", type=float, default=0.01,
                      help="effort of reviewing a unit, as a share of its voxels (added to the "
@@ -229,7 +242,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = SimulationConfig(strategy=args.strategy, score=args.score, initial=args.initial,
                               rounds=args.rounds, per_round=args.per_round,
                               held_out_fraction=args.held_out, tile=args.tile,
-                              review_fraction=args.review_fraction,
+                              units=args.units, review_fraction=args.review_fraction,
                               finetune=finetune_config(args))  # fmt: skip
     tile = (256, 256) if labels.ndim == 3 else (args.tile, args.tile)
     runs = []
@@ -256,7 +269,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             runs.append({"seed": seed, "curve": [[p.n_revealed, p.dice] for p in curve],
                          "effort_curve": [[p.effort, p.dice] for p in curve],
                          "revealed": list(curve[-1].revealed)})  # fmt: skip
-    out = {"strategy": args.strategy, "units": "slices" if labels.ndim == 3 else "tiles",
+    kind = "tiles" if labels.ndim == 2 else args.units
+    out = {"strategy": args.strategy, "units": kind,
            "seeds": runs, "mean": _mean_curve(runs),
            "mean_effort": _mean_curve(runs, key="effort_curve"),
            "review_fraction": args.review_fraction, "label_values": list(values)}  # fmt: skip

@@ -91,7 +91,7 @@ from zarr.storage import LocalStore
 
 from napari_segtool.errors import InputError
 from napari_segtool.io.atomic import fsync_directory
-from napari_segtool.io.labelled import labelled_in_box
+from napari_segtool.io.labelled import Patch, as_patches, labelled_in_box
 from napari_segtool.io.memory import check_allocation
 from napari_segtool.io.paint import paint_changes
 from napari_segtool.io.project_checks import (
@@ -452,6 +452,7 @@ class ChunkedState:
     machine: zarr.Array
     painted: zarr.Array
     reviewed: set[int] = field(default_factory=set)
+    reviewed_patches: set[Patch] = field(default_factory=set)
     versions: list[dict[str, Any]] = field(default_factory=list)
     current_version: int | None = None
     base_model: str = ""
@@ -464,6 +465,7 @@ class ChunkedState:
         if len({(a.shape, a.chunks) for a in arrays}) != 1:
             raise InputError("labels, machine and painted masks differ in shape or chunks")
         self.reviewed = {int(z) for z in self.reviewed}
+        self.reviewed_patches = as_patches(self.reviewed_patches)
         self._written.twins = _same_encoding(self.labels, self.machine)
 
     # -- making and opening ---------------------------------------------------------------------
@@ -625,6 +627,7 @@ class ChunkedState:
             machine=arrays["machine"],
             painted=arrays["painted"],
             reviewed=set(record.get("reviewed", [])),
+            reviewed_patches=as_patches(record.get("reviewed_patches", [])),
             versions=[dict(v) for v in record.get("versions", [])],
             current_version=record.get("current_version"),
             base_model=record.get("base_model", ""),
@@ -668,6 +671,7 @@ class ChunkedState:
             machine=self.machine,
             painted=self.painted,
             reviewed=set(self.reviewed),
+            reviewed_patches=set(self.reviewed_patches),
             versions=[dict(v) for v in self.versions],
             current_version=self.current_version,
             base_model=self.base_model,
@@ -774,7 +778,11 @@ class ChunkedState:
         """
         box = normalise_box(box, self.shape)
         return labelled_in_box(
-            self.shape, box, changed=self.changed_region(box), reviewed=self.reviewed
+            self.shape,
+            box,
+            changed=self.changed_region(box),
+            reviewed=self.reviewed,
+            patches=self.reviewed_patches,
         )
 
     def protected_region(self, box: Sequence[slice]) -> NDArray[np.bool_]:
@@ -837,6 +845,9 @@ class ChunkedState:
             i for k in self._written.suspects() if (i := _key_index(k, self.ndim)) is not None
         )
         cells = _labelled_cells(self.shape, self.chunks, block, chunks, self.reviewed)
+        for z, y0, y1, x0, x1 in self.reviewed_patches:  # a reviewed patch is labelled whole
+            box = (slice(y0, y1), slice(x0, x1))
+            cells.update(_cells_of((slice(z, z + 1), *box) if self.ndim == 3 else box, block))
         if scan:
             for cell in itertools.product(
                 *(range(-(-s // b)) for s, b in zip(self.shape, block, strict=True))
@@ -918,7 +929,8 @@ class ChunkedState:
             machine = np.asarray(self.machine[box])
             painted = np.asarray(self.painted[box], bool)
             free = ~labelled_in_box(self.shape, box, changed=painted | (labels != machine),
-                                    reviewed=self.reviewed)  # fmt: skip
+                                    reviewed=self.reviewed,
+                                    patches=self.reviewed_patches)  # fmt: skip
             pred = pred.astype(self.labels.dtype, copy=False)
             changed += int(np.count_nonzero(free & (labels != pred)))
             # labels first: a kill before the machine's write leaves these voxels changed

@@ -64,6 +64,7 @@ from napari_segtool.io.chunked_state import (
     check_store,
     record_text,
 )
+from napari_segtool.io.labelled import as_patches
 from napari_segtool.io.lock import HOLDER_FILE, LOCK_FILE, WRITE_WAIT, ProjectLock
 from napari_segtool.io.project_checks import (
     FORMAT,
@@ -412,6 +413,7 @@ class Project:
                 _catch_up(state, on_disk)
         record = self._record_of(
             reviewed=sorted(state.reviewed),
+            reviewed_patches=[list(b) for b in sorted(state.reviewed_patches)],
             versions=state.versions,
             current_version=state.current_version,
             base_model=state.base_model,
@@ -522,6 +524,7 @@ class Project:
             machine=machine,
             painted=painted,
             reviewed=set(record.get("reviewed", [])),
+            reviewed_patches=as_patches(record.get("reviewed_patches", [])),
             versions=[dict(v) for v in record.get("versions", [])],
             current_version=record.get("current_version"),
             base_model=record.get("base_model", ""),

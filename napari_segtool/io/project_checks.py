@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
+from napari_segtool.io.labelled import as_patches, patch_problem
 
 FORMAT = "napari-segtool-project"
 FORMAT_VERSION = 1
@@ -116,6 +117,7 @@ def record_problems(record: object, shape: tuple[int, ...], folder: Path) -> lis
     if "shape" in record and record["shape"] != list(shape):
         problems.append(f"'shape': {record['shape']!r} but the labels have {list(shape)}")
     problems += _reviewed_problems(record.get("reviewed", []), 1 if len(shape) == 2 else shape[0])
+    problems += _patch_problems(record.get("reviewed_patches", []), shape)
     version_problems, numbers = _versions_problems(record.get("versions", []), folder)
     problems += version_problems
     current = record.get("current_version")
@@ -135,6 +137,19 @@ def _reviewed_problems(reviewed: object, depth: int) -> list[str]:
     if len(set(reviewed)) != len(reviewed):
         return ["'reviewed': a slice is listed twice"]
     return []
+
+
+def _patch_problems(patches: object, shape: tuple[int, ...]) -> list[str]:
+    if not isinstance(patches, list):
+        return [f"'reviewed_patches': {str(patches)[:80]} is not a list of patches"]
+    try:
+        boxes = as_patches(patches)
+    except InputError as exc:
+        return [f"'reviewed_patches': {exc}"]
+    if len(boxes) != len(patches):
+        return ["'reviewed_patches': a patch is listed twice"]
+    problem = patch_problem(boxes, shape)
+    return [f"'reviewed_patches': {problem}"] if problem else []
 
 
 def _versions_problems(versions: object, folder: Path) -> tuple[list[str], list[int]]:

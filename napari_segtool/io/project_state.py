@@ -26,7 +26,7 @@ from napari_segtool.io.chunked_state import (
     grid_boxes,
     normalise_box,
 )
-from napari_segtool.io.labelled import labelled_in_box, labelled_mask
+from napari_segtool.io.labelled import Patch, as_patches, labelled_in_box, labelled_mask
 from napari_segtool.io.paint import paint_changes
 
 __all__ = ["ProjectState", "merge_untouched"]
@@ -46,6 +46,9 @@ class ProjectState:
         Voxels the user painted (even if painted back to the machine's value).
     reviewed : set of int
         Slices (Z indices; 0 for a 2D image) the user marked as reviewed: they count whole.
+    reviewed_patches : set of (z, y0, y1, x0, x1)
+        Patches within a slice (or tiles of a 2D image, z 0) marked reviewed: they count
+        whole (:data:`~napari_segtool.io.labelled.Patch`).
     versions : list of dict
         One entry per fine-tuning round: ``version``, ``file`` (relative to the project),
         validation figures, ``promoted`` and what it was trained on.
@@ -62,6 +65,7 @@ class ProjectState:
     machine: NDArray
     painted: NDArray[np.bool_]
     reviewed: set[int] = field(default_factory=set)
+    reviewed_patches: set[Patch] = field(default_factory=set)
     versions: list[dict[str, Any]] = field(default_factory=list)
     current_version: int | None = None
     base_model: str = ""
@@ -84,6 +88,7 @@ class ProjectState:
         if len(shapes) != 1:
             raise InputError(f"labels, machine and painted masks differ in shape: {shapes}")
         self.reviewed = {int(z) for z in self.reviewed}
+        self.reviewed_patches = as_patches(self.reviewed_patches)
 
     def changed(self) -> NDArray[np.bool_]:
         """Voxels the user painted or whose label differs from what the model wrote."""
@@ -100,7 +105,8 @@ class ProjectState:
         InputError
             For a reviewed slice outside the image.
         """
-        return labelled_mask(self.labels.shape, changed=self.changed(), reviewed=self.reviewed)
+        return labelled_mask(self.labels.shape, changed=self.changed(), reviewed=self.reviewed,
+                             patches=self.reviewed_patches)  # fmt: skip
 
     def protected(self) -> NDArray[np.bool_]:
         """Voxels a re-segmentation must not touch: the :meth:`labelled` ones."""
@@ -129,6 +135,7 @@ class ProjectState:
             machine=self.machine.copy(),
             painted=self.painted.copy(),
             reviewed=set(self.reviewed),
+            reviewed_patches=set(self.reviewed_patches),
             versions=[dict(v) for v in self.versions],
             current_version=self.current_version,
             base_model=self.base_model,
@@ -157,7 +164,11 @@ class ProjectState:
         :meth:`~napari_segtool.io.chunked_state.ChunkedState.labelled_region`."""
         box = normalise_box(box, self.shape)
         return labelled_in_box(
-            self.shape, box, changed=self.changed_region(box), reviewed=self.reviewed
+            self.shape,
+            box,
+            changed=self.changed_region(box),
+            reviewed=self.reviewed,
+            patches=self.reviewed_patches,
         )
 
     def protected_region(self, box: Sequence[slice]) -> NDArray[np.bool_]:

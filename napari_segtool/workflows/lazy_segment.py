@@ -234,7 +234,8 @@ class ProtectedLabels:
         painted = np.asarray(state.painted[part], bool)
         differ = labels != machine
         keep = labelled_in_box(self._full, part, changed=painted | differ,
-                               reviewed=set(state.reviewed))  # fmt: skip
+                               reviewed=set(state.reviewed),
+                               patches=set(state.reviewed_patches))  # fmt: skip
         new_labels = np.where(keep, labels, pred)
         new_machine = np.where(differ & ~painted, machine, pred)
         # labels first, as a merge does: a kill before the machine's write leaves these

@@ -4,12 +4,9 @@ import numpy as np
 import pytest
 
 from napari_segtool.active_learning import SimulationConfig, iter_simulate, make_units
-from napari_segtool.active_learning.diversity import (
-    diverse_uncertain,
-    k_center_greedy,
-    unit_features,
-)
-from napari_segtool.active_learning.scoring import Unit
+from napari_segtool.active_learning.diversity import diverse_uncertain, k_center_greedy
+from napari_segtool.active_learning.scoring import Unit, score_units
+from napari_segtool.active_learning.select import rank
 from napari_segtool.active_learning.simulate import SIMULATION_STRATEGIES
 from napari_segtool.cli.train import SIM_STRATEGIES
 from napari_segtool.errors import InputError
@@ -57,14 +54,33 @@ def test_a_diverse_batch_is_uncertain_and_spread_where_plain_ranking_repeats_its
     assert [u.index // 10 for u in top] == [0, 0]  # a pool of the top 2 only
 
 
-def test_unit_features_pool_the_foreground_probabilities():
-    probs = np.zeros((2, 2, 4, 4), np.float32)
-    probs[1, 0, :2, :2] = 1.0
-    probs[0] = 1 - probs[1]
-    feats = unit_features(probs, make_units((2, 4, 4)), grid=2)
-    assert feats.shape == (2, 4)
-    assert feats[0].tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert feats[1].tolist() == [0.0] * 4
+def test_unit_features_pool_the_foreground_and_the_score_while_scoring():
+    labels = np.zeros((2, 4, 4), np.uint8)
+    labels[0, :2, :2] = 1
+    unc = np.zeros((2, 4, 4), np.float32)
+    unc[1, 2:, 2:] = 0.5
+    units = score_units(make_units(labels.shape), unc, labels, features_grid=2)
+    assert units[0].features == (1.0, 0.0, 0.0, 0.0) + (0.0,) * 4
+    assert units[1].features == (0.0,) * 4 + (0.0, 0.0, 0.0, 0.5)
+    assert score_units(make_units(labels.shape), unc, labels)[0].features == ()
+
+
+def test_diverse_ranking_orders_every_unit_batch_by_batch():
+    x = clusters()
+    # cluster 0 is the most uncertain throughout: plain ranking takes three of it first
+    scores = np.concatenate([np.full(10, 0.9), np.full(10, 0.8), np.full(10, 0.1)])
+    scores[[10, 11]] = 0.95  # two of cluster 1 on top
+    units = [Unit(i, (i,), (slice(i, i + 1),), score=float(s), features=tuple(x[i]))
+             for i, s in enumerate(scores)]  # fmt: skip
+    order = rank(units, strategy="uncertainty-diverse", batch=3, exclude=[5])
+    assert sorted(u.index for u in order) == [i for i in range(30) if i != 5]
+    # the 9 most uncertain: 10, 11 and cluster 0 but 5: one batch of 3 spans clusters 0 and 1
+    assert {u.index // 10 for u in order[:3]} == {0, 1}
+    assert [u.index // 10 for u in rank(units, strategy="uncertainty", min_gap=0)[:3]] == [1, 1, 0]
+    away = rank(units, strategy="uncertainty-diverse", batch=1, revealed=units[10:12])
+    assert away[0].index // 10 == 0  # cluster 1 is known: the first pick is not from it
+    with pytest.raises(InputError, match="features"):
+        rank([Unit(0, (0,), (slice(0, 1),))], strategy="uncertainty-diverse")
 
 
 def test_simulate_runs_the_diverse_strategy_reproducibly():

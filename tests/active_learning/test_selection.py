@@ -15,7 +15,8 @@ from napari_segtool.errors import InputError
 def _units(n: int = 12, seed: int = 0) -> list[Unit]:
     rng = np.random.default_rng(seed)
     return [Unit(z, (z,), (slice(z, z + 1),), score=float(rng.random()),
-                 foreground=float(rng.random() > 0.3)) for z in range(n)]  # fmt: skip
+                 foreground=float(rng.random() > 0.3),
+                 features=tuple(rng.random(3).tolist())) for z in range(n)]  # fmt: skip
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
