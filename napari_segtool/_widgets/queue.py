@@ -33,7 +33,7 @@ from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
 from napari_segtool._widgets._closing import on_close
 from napari_segtool._widgets.roles import RoleDefault, apply_all, role
-from napari_segtool.active_learning import STRATEGIES, Unit, make_units, rank
+from napari_segtool.active_learning import Unit, make_units, rank
 from napari_segtool.active_learning.scoring import (
     ScoreProgress,
     ValueRangeError,
@@ -46,6 +46,9 @@ from napari_segtool.metrics.tracker import BLOCK_VOXELS
 
 logger = logging.getLogger(__name__)
 
+# the strategies the Queue ranks by from its layers; simulate also measures uncertainty-diverse,
+# disagreement and class-balanced (active_learning.select.STRATEGIES), not offered here yet
+QUEUE_STRATEGIES = ("uncertainty", "random", "foreground-random")
 REVIEWED_KEY = "segtool_reviewed"  # set of reviewed slices, kept by the Fine-tune widget
 # voxels above which ranking leaves the UI thread (~10 ms and more); zarr and dask always do
 SCORE_IN_WORKER = 2**20
@@ -76,7 +79,7 @@ class QueueWidget(Container):
             annotation="napari.layers.Image", label="uncertainty", options={"nullable": True}
         )
         self._uncertainty.value = None  # not the first image: that is usually the raw one
-        self._strategy = ComboBox(label="strategy", choices=STRATEGIES, value="uncertainty")
+        self._strategy = ComboBox(label="strategy", choices=QUEUE_STRATEGIES, value="uncertainty")
         self._score = ComboBox(label="unit score", choices=("top 5 %", "mean"), value="top 5 %")
         self._score.tooltip = (
             "top 5 %: mean of a unit's most uncertain voxels (ranked best in our simulations); "
