@@ -36,17 +36,17 @@ def version_change(current: NDArray, previous: NDArray) -> NDArray[np.float32]:
 
 
 def rarity_weights(counts: Mapping[int, int], classes: int | None = None) -> NDArray[np.float32]:
-    """A weight per class id: ``sqrt(n_max / n_c)`` over labelled foreground counts, scaled
+    """A weight per class id: ``1 / sqrt(n_c + 1)`` over labelled foreground counts, scaled
     so the rarest class weighs 1; background (0) weighs 0.
 
     ``counts`` maps class ids to labelled voxels (classes not in it count 0, the rarest of
     all); ``classes`` is the table's length (default: the largest id + 1). With nothing
     labelled yet every foreground class weighs 1.
 
-    >>> rarity_weights({0: 900, 1: 100, 2: 1}, 3).round(2).tolist()
-    [0.0, 0.1, 1.0]
-    >>> rarity_weights({1: 4}, 3).tolist()  # class 2 was never labelled
-    [0.0, 0.0, 1.0]
+    >>> [round(float(w), 2) for w in rarity_weights({0: 900, 1: 100, 2: 1}, 3)]
+    [0.0, 0.14, 1.0]
+    >>> [round(float(w), 2) for w in rarity_weights({1: 4}, 3)]  # class 2 never labelled
+    [0.0, 0.45, 1.0]
     """
     n = int(classes if classes is not None else max(counts, default=0) + 1)
     if n < 1 or any(int(c) < 0 for c in counts):
