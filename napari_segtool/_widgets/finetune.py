@@ -41,6 +41,7 @@ from napari_segtool._widgets._layout import fixed_width
 from napari_segtool._widgets.finetune_display import CurvePlot, VersionsTable
 from napari_segtool._widgets.finetune_project import check_pair, new_state, project_folder, restore
 from napari_segtool._widgets.finetune_session import ProjectSession
+from napari_segtool._widgets.queue import PREVIOUS_KEY
 from napari_segtool._widgets.roles import RoleDefault, apply_all, bump_version, role
 from napari_segtool._widgets.segment import ORIGINAL_KEY, write_uncertainty_layer
 from napari_segtool.config import DEVICES, PRECISIONS, FinetuneConfig
@@ -134,8 +135,9 @@ class FinetuneWidget(ProjectSession):
             fixed_width(label)
         self.extend([
             self._image, self._labels, self._truth, self._model, self._folder, self._open,
-            self._reviewed, self._mark, self._epochs, self._steps, self._lr, self._device,
-            self._precision, self._extend, self._run, self._progress, self._use, self._reseg,
+            self._reviewed, self._mark, self._mark_patch, self._epochs, self._steps, self._lr,
+            self._device, self._precision, self._extend, self._run, self._progress, self._use,
+            self._reseg,
             self._status,
         ])  # fmt: skip
         self._plot = CurvePlot()
@@ -369,6 +371,11 @@ class FinetuneWidget(ProjectSession):
             return
         segmentation = Resegmentation(*out)
         self._write_uncertainty(segmentation.uncertainty)
+        # the model's output before this one: with the new one it is the Queue's
+        # disagreement map (where the two latest versions differ)
+        previous = self.state.machine.copy()
+        previous.setflags(write=False)
+        self._layer.metadata[PREVIOUS_KEY] = previous
         changed = merge_resegmentation(self.state, segmentation)  # protects edits made since
         # the model's new output is the baseline of the edit effort: effort stays what the
         # user changed, not what re-segmenting changed
@@ -439,6 +446,7 @@ class FinetuneWidget(ProjectSession):
             return
         bump_version(self._layer)  # rewritten in place: the Review widget must recount
         self._layer.metadata.pop(ORIGINAL_KEY, None)  # a volume is never copied as baseline
+        self._layer.metadata.pop(PREVIOUS_KEY, None)  # nor as the disagreement's other side
         self._dirty = True  # saved when the worker has finished
         self._status.value = f"re-segmented: {changed} untouched voxels changed"
 

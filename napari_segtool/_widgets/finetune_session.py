@@ -1,7 +1,8 @@
 """The project half of the Fine-tune dock: one labels layer, its project folder and lock.
 
 :class:`ProjectSession` attaches a project to a labels layer (restoring or starting it),
-holds the project's lock while attached, records paint events and reviewed slices, saves on a
+holds the project's lock while attached, records paint events and reviewed slices and patches
+(a patch is the one the Queue widget last zoomed to), saves on a
 timer, when the layer is closed, when the widget closes, when the app quits and at interpreter
 exit, and gives back the key binding it set. :class:`~napari_segtool._widgets.finetune.
 FinetuneWidget` adds the training on top.
@@ -23,8 +24,9 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
-from napari_segtool._widgets.queue import REVIEWED_KEY
+from napari_segtool._widgets.queue import FOCUS_KEY, REVIEWED_KEY, REVIEWED_PATCHES_KEY
 from napari_segtool.errors import SegtoolError
+from napari_segtool.io.labelled import patch_problem
 from napari_segtool.io.project import Project, ProjectState, default_project_dir
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class ProjectSession(Container):
         self._open = PushButton(text="Open / start project")
         self._reviewed = Label(label="reviewed", value="-")
         self._mark = PushButton(text=f"Mark slice reviewed ({REVIEW_KEY})")
+        self._mark_patch = PushButton(text="Mark patch reviewed")
+        self._mark_patch.tooltip = (
+            "Marks the patch (or tile) the Queue last zoomed to as reviewed: all its voxels "
+            "count as corrected, train the model and are never re-segmented"
+        )
         self._status = Label(label="", value="")
         self.project: Project | None = None
         self.state: ProjectState | None = None
@@ -75,6 +82,7 @@ class ProjectSession(Container):
         """Connect signals, the shortcut, the autosave timer and the final saves."""
         self._open.changed.connect(self.open_project)
         self._mark.changed.connect(self.toggle_reviewed)
+        self._mark_patch.changed.connect(self.toggle_patch)
         self._image.changed.connect(self._suggest_folder)
         self._labels.changed.connect(self._on_pick)
         self._suggest_folder()
@@ -167,6 +175,28 @@ class ProjectSession(Container):
         self._dirty = True
         self._refresh()
 
+    def toggle_patch(self, *_: Any, box: tuple[int, ...] | None = None) -> bool:
+        """Mark the patch ``box`` ``(z, y0, y1, x0, x1)`` reviewed (or unmark it); by default
+        the patch or tile the Queue widget last zoomed to. Returns whether one was toggled."""
+        if self.state is None and not self.open_project():
+            return False
+        assert self.state is not None
+        if box is None:
+            layer = self._layer
+            box = None if layer is None else layer.metadata.get(FOCUS_KEY)
+        if box is None:
+            self._error("click a patch in the Queue (units: patches) first, then mark it")
+            return False
+        patch = tuple(int(v) for v in box)
+        problem = patch_problem([patch], tuple(self.state.shape))
+        if problem:
+            self._error(problem)
+            return False
+        self.state.reviewed_patches ^= {patch}  # type: ignore[arg-type]
+        self._dirty = True
+        self._refresh()
+        return True
+
     def _key_reviewed(self, _viewer: Any) -> None:
         self.toggle_reviewed()
 
@@ -174,11 +204,15 @@ class ProjectSession(Container):
         state = self.state
         if state is None:
             return
-        if self._layer is not None:  # the Queue widget leaves reviewed slices out
+        if self._layer is not None:  # the Queue widget leaves reviewed slices and patches out
             self._layer.metadata[REVIEWED_KEY] = set(state.reviewed)
+            self._layer.metadata[REVIEWED_PATCHES_KEY] = set(state.reviewed_patches)
         reviewed = sorted(state.reviewed)
         shown = ", ".join(map(str, reviewed[:12])) + (" ..." if len(reviewed) > 12 else "")
-        self._reviewed.value = f"{len(reviewed)} slices: {shown}" if reviewed else "none"
+        parts = [f"{len(reviewed)} slices: {shown}"] if reviewed else []
+        if state.reviewed_patches:
+            parts.append(f"{len(state.reviewed_patches)} patches")
+        self._reviewed.value = "; ".join(parts) or "none"
         self._show_versions(state)
 
     # -- saving -------------------------------------------------------------------------------

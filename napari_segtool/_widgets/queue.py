@@ -1,10 +1,15 @@
-"""The Queue dock widget: which slices or tiles to correct next, one click to go there.
+"""The Queue dock widget: which slices, patches or tiles to correct next, one click to go there.
 
-It ranks the units (slices of a stack, tiles of a 2D image) of the prediction by the
-uncertainty layer that Segment (with flip TTA) or Fine-tune's re-segmentation wrote, and
-refreshes whenever that layer changes. Slices marked reviewed in the Fine-tune widget leave
-the queue. Large or lazy (zarr, dask) layers are scored block by block in a worker, with
-progress and Cancel; nothing reads a whole volume at once.
+It ranks the units (slices or square patches of a stack, tiles of a 2D image) of the
+prediction by a strategy (:data:`~napari_segtool.active_learning.select.STRATEGIES`): by the
+uncertainty layer that Segment (with flip TTA) or Fine-tune's re-segmentation wrote, by that
+uncertainty with diverse batches, by where the last two model versions disagree, by how rare
+each voxel's class is among the reviewed units, or at random. It refreshes whenever the
+uncertainty layer changes. Each row shows the unit's score and its expected effort (the sum
+of the uncertainty over the unit: the voxels the user can expect to change). Clicking a row
+shows the slice, or zooms to the patch; slices and patches marked reviewed in the Fine-tune
+widget leave the queue. Large or lazy (zarr, dask) layers are scored block by block in a
+worker, with progress and Cancel; nothing reads a whole volume at once.
 """
 
 from __future__ import annotations
@@ -33,23 +38,38 @@ from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
 from napari_segtool._widgets._closing import on_close
 from napari_segtool._widgets.roles import RoleDefault, apply_all, role
+from napari_segtool._widgets.segment_layers import ORIGINAL_KEY
 from napari_segtool.active_learning import Unit, make_units, rank
 from napari_segtool.active_learning.scoring import (
     ScoreProgress,
     ValueRangeError,
     iter_score_units,
 )
+from napari_segtool.active_learning.select import STRATEGIES
+from napari_segtool.active_learning.signals import (
+    BlockMap,
+    class_counts,
+    class_rarity,
+    rarity_weights,
+    version_change,
+)
 from napari_segtool.errors import InputError, SegtoolError
 from napari_segtool.inference.tiling import run_to_end
+from napari_segtool.io.labelled import Patch
 from napari_segtool.layer_roles import IMAGE, PREDICTION, REFERENCE, UNCERTAINTY
 from napari_segtool.metrics.tracker import BLOCK_VOXELS
 
 logger = logging.getLogger(__name__)
 
-# the strategies the Queue ranks by from its layers; simulate also measures uncertainty-diverse,
-# disagreement and class-balanced (active_learning.select.STRATEGIES), not offered here yet
-QUEUE_STRATEGIES = ("uncertainty", "random", "foreground-random")
+QUEUE_STRATEGIES = STRATEGIES  # all of simulate's, read from the layers
+UNITS = ("slices", "patches")  # of a stack; a 2D image is always ranked by tiles
 REVIEWED_KEY = "segtool_reviewed"  # set of reviewed slices, kept by the Fine-tune widget
+REVIEWED_PATCHES_KEY = "segtool_reviewed_patches"  # set of (z, y0, y1, x0, x1), the same
+FOCUS_KEY = "segtool_focus"  # (z, y0, y1, x0, x1) of the patch or tile the Queue last showed
+# the model's prediction before the latest re-segmentation, set by the Fine-tune widget: with
+# the current one (segment_layers.ORIGINAL_KEY) it gives the disagreement strategy its map
+PREVIOUS_KEY = "segtool_previous"
+FEATURES_GRID = 8  # as simulate: uncertainty-diverse compares units on 8 x 8 pooled maps
 # voxels above which ranking leaves the UI thread (~10 ms and more); zarr and dask always do
 SCORE_IN_WORKER = 2**20
 _PICK = "pick the '... uncertainty' layer that Segment makes with flip TTA"
@@ -80,6 +100,15 @@ class QueueWidget(Container):
         )
         self._uncertainty.value = None  # not the first image: that is usually the raw one
         self._strategy = ComboBox(label="strategy", choices=QUEUE_STRATEGIES, value="uncertainty")
+        self._strategy.tooltip = (
+            "uncertainty: most uncertain first; uncertainty-diverse: the shown list is a "
+            "batch spread over what the units look like; disagreement: where the last two "
+            "model versions differ (after a Fine-tune round); class-balanced: units showing "
+            "classes rare among the reviewed units first; random and foreground-random: "
+            "baselines. Our simulations (README) found none clearly better than random yet."
+        )
+        self._units = ComboBox(label="units (3D)", choices=UNITS, value="slices")
+        self._units.tooltip = "slices, or square patches of 'tile' within each slice"
         self._score = ComboBox(label="unit score", choices=("top 5 %", "mean"), value="top 5 %")
         self._score.tooltip = (
             "top 5 %: mean of a unit's most uncertain voxels (ranked best in our simulations); "
@@ -87,17 +116,22 @@ class QueueWidget(Container):
         )
         self._length = SpinBox(label="show", value=10, min=1, max=10_000)
         self._gap = SpinBox(label="min gap", value=1, min=0, max=100)
-        self._tile = SpinBox(label="tile (2D)", value=256, min=16, max=8192)
+        self._tile = SpinBox(label="tile / patch", value=256, min=16, max=8192)
         self._seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self._refresh_button = PushButton(text="Rank")
         # always shown: showing or hiding it would relayout the docks and redraw the canvas
         self._progress = ProgressBar(label="scored", value=0, min=0, max=100)
         self._status = Label(label="", value="")
-        self.extend([self._labels, self._uncertainty, self._strategy, self._score, self._length,
+        self.extend([self._labels, self._uncertainty, self._strategy, self._units, self._score,
+                     self._length,
                      self._gap, self._tile, self._seed, self._refresh_button, self._progress,
                      self._status])  # fmt: skip
-        self.table = QTableWidget(0, 3)
-        self.table.setHorizontalHeaderLabels(["unit", "score", "foreground"])
+        self.table = QTableWidget(0, 4)
+        self.table.setHorizontalHeaderLabels(["unit", "score", "effort (voxels)", "foreground"])
+        self.table.horizontalHeaderItem(2).setToolTip(
+            "expected voxels to change: the unit's uncertainty summed (on our EM sample 1.2-1.4x "
+            "the wrong voxels)"
+        )
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.horizontalHeader().setStretchLastSection(True)
@@ -111,7 +145,15 @@ class QueueWidget(Container):
         self._worker: Any = None
         self._closed = False
         self._refresh_button.changed.connect(self._on_rank_clicked)
-        for w in (self._strategy, self._score, self._length, self._gap, self._tile, self._seed):
+        for w in (
+            self._strategy,
+            self._units,
+            self._score,
+            self._length,
+            self._gap,
+            self._tile,
+            self._seed,
+        ):
             w.changed.connect(self.refresh)
         self._uncertainty.changed.connect(self._watch)
         self._labels.changed.connect(self.refresh)
@@ -139,10 +181,18 @@ class QueueWidget(Container):
         self.refresh()
 
     def reviewed(self) -> set[int]:
+        """Slices marked reviewed in the Fine-tune widget (0 for a reviewed 2D image)."""
         layer = self._labels.value
         if layer is None:
             return set()
         return {int(z) for z in layer.metadata.get(REVIEWED_KEY, ())}
+
+    def reviewed_patches(self) -> set[Patch]:
+        """Patches and tiles marked reviewed in the Fine-tune widget."""
+        layer = self._labels.value
+        if layer is None:
+            return set()
+        return {tuple(int(v) for v in p) for p in layer.metadata.get(REVIEWED_PATCHES_KEY, ())}
 
     def refresh(self, *_: Any) -> list[Unit]:
         """Rank the units again from the current layers and controls.
@@ -226,6 +276,7 @@ class QueueWidget(Container):
             self._status.value = "pick the prediction (and its uncertainty layer)"
             return None
         data = _array(labels)
+        slices = data.ndim == 3 and self._units.value == "slices"
         return _Request(
             labels=data,
             uncertainty=None if unc is None else _array(unc),
@@ -233,10 +284,14 @@ class QueueWidget(Container):
             known=unc is not None and role(unc) == UNCERTAINTY,
             strategy=str(self._strategy.value),
             reduce="top" if str(self._score.value).startswith("top") else "mean",
-            tile=None if data.ndim == 3 else int(self._tile.value),
+            tile=None if slices else int(self._tile.value),
             seed=int(self._seed.value),
-            exclude=frozenset(self.reviewed()) if data.ndim == 3 else frozenset(),
+            reviewed=frozenset(self.reviewed()),
+            reviewed_patches=frozenset(self.reviewed_patches()),
             min_gap=int(self._gap.value),
+            batch=int(self._length.value),
+            current=labels.metadata.get(ORIGINAL_KEY),
+            previous=labels.metadata.get(PREVIOUS_KEY),
         )
 
     def _show(self, order: list[Unit], generation: int) -> list[Unit]:
@@ -246,14 +301,19 @@ class QueueWidget(Container):
         self._progress.value = 100
         self.queue = order[: int(self._length.value)]
         self._fill()
-        done = len(self.reviewed())
-        self._status.value = f"{len(order)} units left" + (f", {done} reviewed" if done else "")
+        slices, patches = len(self.reviewed()), len(self.reviewed_patches())
+        done = ", ".join(
+            [f"{slices} slices reviewed"] * bool(slices) + [f"{patches} patches"] * bool(patches)
+        )
+        self._status.value = f"{len(order)} units left" + (f", {done}" if done else "")
         return self.queue
 
     def _on_error(self, exc: Exception, generation: int) -> None:
         if generation != self._generation or self._closed:
             return
         self._ranking = 0
+        self.queue = []  # no stale list under an error
+        self._fill()
         self._status.value = "cannot rank"
         show_error(f"Queue: {exc}")
 
@@ -273,20 +333,27 @@ class QueueWidget(Container):
     def _fill(self) -> None:
         self.table.setRowCount(len(self.queue))
         for row, u in enumerate(self.queue):
-            for col, text in enumerate((u.label, f"{u.score:.4f}", f"{u.foreground:.3f}")):
+            effort = "-" if u.effort is None else f"{u.effort:,.0f}"
+            for col, text in enumerate((u.label, f"{u.score:.4f}", effort, f"{u.foreground:.3f}")):
                 self.table.setItem(row, col, QTableWidgetItem(text))
         self.table.resizeColumnsToContents()
 
     def jump_to(self, row: int, _col: int = 0) -> None:
-        """Show the unit of ``row``: its slice, or the tile centred and filling the view."""
+        """Show the unit of ``row``: its slice, or the patch or tile centred and filling the
+        view (its box becomes the one Fine-tune's 'Mark patch reviewed' marks)."""
         if not 0 <= row < len(self.queue):
             return
         unit = self.queue[row]
         layer = self._labels.value
-        if len(unit.grid) == 1:
+        if len(unit.grid) != 2:
             self._viewer.dims.set_current_step(0, unit.grid[0])
+        if len(unit.grid) == 1:
+            if layer is not None:
+                layer.metadata.pop(FOCUS_KEY, None)
             return
-        ys, xs = unit.region
+        if layer is not None:
+            layer.metadata[FOCUS_KEY] = unit.box
+        ys, xs = unit.region[-2:]
         scale = np.asarray(layer.scale[-2:]) if layer is not None else np.ones(2)
         offset = np.asarray(layer.translate[-2:]) if layer is not None else np.zeros(2)
         centre = offset + scale * np.array([(ys.start + ys.stop) / 2, (xs.start + xs.stop) / 2])
@@ -309,10 +376,14 @@ class _Request:
     known: bool
     strategy: str
     reduce: str
-    tile: int | None
+    tile: int | None  # None: slices of a stack
     seed: int
-    exclude: frozenset[int]
+    reviewed: frozenset[int]
+    reviewed_patches: frozenset[Patch]
     min_gap: int
+    batch: int = 10
+    current: Any | None = None  # the model's latest prediction, for disagreement
+    previous: Any | None = None  # the one before it
 
     def rank(self) -> list[Unit]:
         """The ranked units (any thread; reads no widget)."""
@@ -322,9 +393,10 @@ class _Request:
         """:meth:`rank` as a generator: progress after each block of units scored."""
         unc = self.uncertainty
         if unc is None:
-            if self.strategy == "uncertainty":
+            if self.strategy.startswith("uncertainty"):
                 raise InputError(
-                    "no uncertainty layer: segment with flip TTA first, or pick a random strategy"
+                    "no uncertainty layer: segment with flip TTA first, or pick a strategy that "
+                    "does not need one"
                 )
         else:
             if unc.shape != self.labels.shape:
@@ -333,19 +405,54 @@ class _Request:
                     "shape; pick the layers of one image"
                 )
             check_uncertainty(self.uncertainty_name, unc, known=self.known)
-        units = make_units(tuple(self.labels.shape), tile=self.tile)
+        shape = tuple(int(n) for n in self.labels.shape)
+        units = make_units(shape, tile=self.tile)
+        by_uncertainty = self.strategy.startswith("uncertainty")
+        score_map = unc if by_uncertainty else self._signal(units)
+        check = by_uncertainty and not self.known
         try:
             scored = yield from iter_score_units(
-                units, unc, self.labels, reduce=self.reduce,
-                value_range=None if self.known else (0.0, 1.0), block_voxels=BLOCK_VOXELS,
+                units, score_map, self.labels, reduce=self.reduce,
+                value_range=(0.0, 1.0) if check else None, block_voxels=BLOCK_VOXELS,
+                features_grid=FEATURES_GRID if self.strategy == "uncertainty-diverse" else None,
+                effort=unc,
             )  # fmt: skip
         except ValueRangeError as exc:
             raise InputError(
                 f"'{self.uncertainty_name}' has values from {exc.low:.4g} to {exc.high:.4g}, "
                 f"not an uncertainty map in [0, 1]; {_PICK}"
             ) from exc
-        return rank(scored, strategy=self.strategy, seed=self.seed, exclude=self.exclude,
-                    min_gap=self.min_gap)  # fmt: skip
+        exclude = {u.index for u in scored if self._is_reviewed(u)}
+        return rank(scored, strategy=self.strategy, seed=self.seed, exclude=exclude,
+                    min_gap=self.min_gap, batch=max(1, self.batch),
+                    revealed=[u for u in scored if u.index in exclude])  # fmt: skip
+
+    def _is_reviewed(self, unit: Unit) -> bool:
+        """Whether the user marked the unit's slice, or a patch holding the unit, reviewed."""
+        if len(unit.grid) != 2 and unit.grid[0] in self.reviewed:
+            return True
+        if len(unit.grid) == 2 and self.reviewed == {0}:  # a 2D image marked reviewed whole
+            return True
+        if len(unit.grid) == 1:
+            return False
+        z, y0, y1, x0, x1 = unit.box
+        return any(pz == z and py0 <= y0 and y1 <= py1 and px0 <= x0 and x1 <= px1
+                   for pz, py0, py1, px0, px1 in self.reviewed_patches)  # fmt: skip
+
+    def _signal(self, units: list[Unit]) -> Any | None:
+        """The per-voxel map of ``disagreement`` and ``class-balanced`` (None: random)."""
+        if self.strategy == "disagreement":
+            if self.current is None or self.previous is None:
+                raise InputError(
+                    "disagreement compares the predictions of the last two model versions: "
+                    "run a Fine-tune round on this layer first (in-memory layers only)"
+                )
+            return BlockMap(version_change, self.current, self.previous)
+        if self.strategy == "class-balanced":
+            seen = [u.region for u in units if self._is_reviewed(u)]
+            weights = rarity_weights(class_counts(self.labels, seen))
+            return BlockMap(lambda lab: class_rarity(lab, weights), self.labels)
+        return None
 
 
 def _array(layer: napari.layers.Layer) -> Any:

@@ -8,19 +8,22 @@
   hardly corrected come first (class-balanced selection for multi-class data).
 
 Each map is float32 in [0, 1] of the labels' shape, scored per unit as any uncertainty map
-(:func:`~napari_segtool.active_learning.scoring.iter_score_units`).
+(:func:`~napari_segtool.active_learning.scoring.iter_score_units`). :class:`BlockMap` computes
+one box by box from arrays on disk (zarr, dask), so a map of a volume larger than memory is
+never held whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from napari_segtool.errors import InputError
 
-__all__ = ["class_rarity", "rarity_weights", "version_change"]
+__all__ = ["BlockMap", "class_counts", "class_rarity", "rarity_weights", "version_change"]
 
 
 def version_change(current: NDArray, previous: NDArray) -> NDArray[np.float32]:
@@ -75,3 +78,48 @@ def class_rarity(labels: NDArray, weights: NDArray) -> NDArray[np.float32]:
     table = np.asarray(weights, np.float32)
     idx = np.clip(lab.astype(np.int64, copy=False), 0, len(table))
     return np.append(table, np.float32(1.0))[idx]
+
+
+def class_counts(labels: Any, regions: Sequence[tuple[slice, ...]]) -> dict[int, int]:
+    """Voxels of each class id in ``regions`` of ``labels`` (numpy, zarr or dask: each region
+    is read on its own), for :func:`rarity_weights`.
+
+    >>> lab = np.array([[0, 1, 1], [2, 2, 2]])
+    >>> class_counts(lab, [(slice(0, 1),), (slice(1, 2), slice(0, 1))])
+    {0: 1, 1: 2, 2: 1}
+    """
+    counts: dict[int, int] = {}
+    for region in regions:
+        ids, n = np.unique(np.asarray(labels[region]), return_counts=True)
+        for c, k in zip(ids.tolist(), n.tolist(), strict=True):
+            counts[int(c)] = counts.get(int(c), 0) + int(k)
+    return dict(sorted(counts.items()))
+
+
+class BlockMap:
+    """A per-voxel map computed box by box: ``fn(*(np.asarray(a[key]) for a in arrays))``.
+
+    It has the ``shape``, ``ndim`` and ``dtype`` (float32) that scoring reads, and is indexed
+    with a tuple of slices, so :func:`~napari_segtool.active_learning.scoring.iter_score_units`
+    reads it as it reads a zarr array.
+
+    >>> m = BlockMap(version_change, np.array([[0, 1], [2, 2]]), np.array([[0, 2], [2, 2]]))
+    >>> m.shape, m[0:1, :].tolist()
+    ((2, 2), [[0.0, 1.0]])
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, fn: Callable[..., NDArray], *arrays: Any):
+        shapes = {tuple(int(n) for n in a.shape) for a in arrays}
+        if len(shapes) != 1:
+            raise InputError(f"the arrays of a map differ in shape: {sorted(shapes)}")
+        self.shape = shapes.pop()
+        self._fn, self._arrays = fn, arrays
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, key: Any) -> NDArray[np.float32]:
+        return np.asarray(self._fn(*(np.asarray(a[key]) for a in self._arrays)), np.float32)

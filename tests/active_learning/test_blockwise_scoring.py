@@ -105,3 +105,26 @@ def test_no_uncertainty_scores_zero_with_the_foreground():
     labels[1, :2] = 1
     scored = score_units(make_units(labels.shape), None, labels)
     assert [(u.score, u.foreground) for u in scored] == [(0.0, 0.0), (0.0, 0.5), (0.0, 0.0)]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "zarr", "dask"])
+def test_effort_and_a_block_map_score_lazily_as_in_memory(kind, tmp_path):
+    """Expected effort is the unit's uncertainty summed; a map computed box by box
+    (signals.BlockMap) over arrays on disk scores as the same map held in memory."""
+    from napari_segtool.active_learning.signals import BlockMap, version_change
+
+    shape = (6, 20, 24)
+    unc, labels = volume(shape)
+    previous = np.roll(labels, 3, axis=2)
+    units = make_units(shape, tile=8)
+    lazy = {name: stored(a, kind, tmp_path / name, (2, 10, 12))
+            for name, a in (("unc", unc), ("lab", labels), ("prev", previous))}  # fmt: skip
+    scored = run_to_end(iter_score_units(
+        units, BlockMap(version_change, lazy["lab"], lazy["prev"]), lazy["lab"],
+        effort=lazy["unc"], block_voxels=2 * 20 * 24,
+    ))  # fmt: skip
+    expected = score_units(units, version_change(labels, previous), labels)
+    assert [u.score for u in scored] == pytest.approx([u.score for u in expected])
+    for u in scored:
+        assert u.effort == pytest.approx(float(unc[u.region].sum(dtype=np.float64)), rel=1e-6)
+    assert all(u.effort is None for u in expected)  # not estimated without an effort map
