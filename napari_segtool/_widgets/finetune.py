@@ -38,7 +38,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from napari_segtool._widgets import _gc
 from napari_segtool._widgets._layout import fixed_width
-from napari_segtool._widgets.finetune_display import CurvePlot, VersionsTable
+from napari_segtool._widgets.finetune_display import CurvePlot, LearningCurve, VersionsTable
 from napari_segtool._widgets.finetune_project import check_pair, new_state, project_folder, restore
 from napari_segtool._widgets.finetune_session import ProjectSession
 from napari_segtool._widgets.queue import PREVIOUS_KEY
@@ -143,7 +143,8 @@ class FinetuneWidget(ProjectSession):
         self._plot = CurvePlot()
         self._canvas = self._plot.canvas
         self.versions = VersionsTable()
-        for w in (self._canvas, self.versions):
+        self.learning = LearningCurve()
+        for w in (self._canvas, self.versions, self.learning.canvas):
             self.native.layout().addWidget(w)
 
     def reset_choices(self, *args: Any) -> None:
@@ -470,6 +471,7 @@ class FinetuneWidget(ProjectSession):
     # -- display ------------------------------------------------------------------------------
     def _show_versions(self, state: ProjectState | ChunkedState) -> None:
         self.versions.show_state(state)
+        self.learning.show_state(state)
 
 
 def _shows(data: Any, store: Path) -> bool:

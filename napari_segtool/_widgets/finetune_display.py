@@ -1,4 +1,6 @@
-"""What the Fine-tune widget shows: the versions table and the loss / validation-Dice plot."""
+"""What the Fine-tune widget shows: the versions table, the loss / validation-Dice plot of the
+round in progress, and the project's learning curve (validation Dice of each round against the
+voxels painted so far)."""
 
 from __future__ import annotations
 
@@ -69,6 +71,47 @@ class CurvePlot:
         self._loss.set_data([r.epoch for r in reports], [r.train_loss for r in reports])
         dice = [(r.epoch, r.val_dice) for r in reports if r.val_dice is not None]
         self._dice.set_data([e for e, _ in dice], [d for _, d in dice])
+        self.axes.relim()
+        self.axes.autoscale_view()
+        self.canvas.draw_idle()
+
+
+class LearningCurve:
+    """The project's validation Dice per round against the voxels the user had painted.
+
+    One point per version that records both (``val_dice``, ``painted_voxels``): filled when the
+    version was promoted, hollow when it was kept but not used. Redrawn only when they change.
+    """
+
+    def __init__(self) -> None:
+        self.figure = Figure(figsize=(3, 1.6))
+        self.figure.subplots_adjust(left=0.16, right=0.97, top=0.9, bottom=0.26)
+        self.axes = self.figure.add_subplot()
+        (self._used,) = self.axes.plot([], [], "o-", color="C2", label="promoted")
+        (self._kept,) = self.axes.plot([], [], "o", mfc="none", color="C3", label="not used")
+        self.axes.set_xlabel("voxels painted so far", fontsize=7)
+        self.axes.set_ylabel("val Dice", fontsize=7)
+        self.axes.set_title("this project, per round", fontsize=7)
+        self.axes.tick_params(labelsize=6)
+        self.axes.legend(fontsize=6, loc="lower right")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(110)
+        self.points: list[tuple[int, float, bool]] = []
+
+    def show_state(self, state: ProjectState) -> None:
+        """Plot the versions' figures (a no-op when they did not change)."""
+        points = [
+            (int(v["painted_voxels"]), float(v["val_dice"]), bool(v.get("promoted")))
+            for v in state.versions
+            if v.get("val_dice") is not None and v.get("painted_voxels") is not None
+        ]
+        if points == self.points:
+            return
+        self.points = points
+        used = [(x, y) for x, y, p in points if p]
+        kept = [(x, y) for x, y, p in points if not p]
+        self._used.set_data([x for x, _ in used], [y for _, y in used])
+        self._kept.set_data([x for x, _ in kept], [y for _, y in kept])
         self.axes.relim()
         self.axes.autoscale_view()
         self.canvas.draw_idle()

@@ -120,6 +120,8 @@ def record_round(
         "promoted": promoted,
         "epochs": result.epochs,
         "labelled_voxels": result.labelled_voxels,
+        # the user's effort so far: the project's learning curve plots val Dice against it
+        "painted_voxels": state.painted_voxels(),
         "validation_voxels": result.validation_voxels,
         "reviewed": sorted(state.reviewed),
         "seconds": round(result.seconds, 2),

@@ -16,7 +16,8 @@ from napari_segtool.model import list_models
 
 #: The figures of a version that :func:`describe_project` lists.
 VERSION_KEYS = ("version", "file", "promoted", "val_dice", "baseline_dice", "parent", "epochs",
-                "labelled_voxels", "validation_voxels", "seconds", "created")  # fmt: skip
+                "labelled_voxels", "painted_voxels", "validation_voxels", "seconds",
+                "created")  # fmt: skip
 
 
 def starting_model(name_or_file: str | os.PathLike[str]) -> str:

@@ -67,6 +67,13 @@ def test_correct_review_finetune_keeps_corrections(setup, qtbot, errors):
     assert not errors
     assert [v["version"] for v in widget.state.versions] == [1]
     assert (widget.project.folder / "models" / "v0001.pt").exists()
+    # the learning curve: the round's val Dice at the voxels painted when it started
+    entry = widget.state.versions[0]
+    assert entry["painted_voxels"] == int(widget.state.painted.sum()) > 0
+    assert entry["val_dice"] is not None
+    assert widget.learning.points == [
+        (entry["painted_voxels"], entry["val_dice"], entry["promoted"])
+    ]
     assert widget.versions.rowCount() == 2
     # promoted or not, re-segmenting keeps the painted slice region and the reviewed slice
     if widget.state.versions[0]["promoted"]:  # then it re-segments by itself first

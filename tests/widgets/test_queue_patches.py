@@ -196,3 +196,23 @@ def test_reviewed_patch_round_trips_through_the_project_and_the_queue(
     assert ft2.toggle_patch(box=(2, 32, 64, 0, 32))
     queue2.refresh()
     assert queue2.queue[0].label == "slice 2, y 32-64, x 0-32"
+
+
+def test_learning_curve_plots_rounds_against_painted_voxels(qtbot):
+    from napari_segtool._widgets.finetune_display import LearningCurve
+    from napari_segtool.io.project_state import ProjectState
+
+    state = ProjectState.start(np.zeros((2, 8, 8), np.uint8))
+    state.versions = [
+        {"version": 1, "val_dice": 0.5, "painted_voxels": 100, "promoted": True},
+        {"version": 2, "val_dice": 0.4, "painted_voxels": 250, "promoted": False},
+        {"version": 3, "val_dice": None, "painted_voxels": 300, "promoted": False},
+        {"version": 4, "val_dice": 0.7, "painted_voxels": 400, "promoted": True},
+        {"version": 5, "val_dice": 0.6, "promoted": True},  # an older project: no effort
+    ]
+    curve = LearningCurve()
+    qtbot.addWidget(curve.canvas)
+    curve.show_state(state)
+    assert curve.points == [(100, 0.5, True), (250, 0.4, False), (400, 0.7, True)]
+    assert list(curve._used.get_xdata()) == [100, 400]
+    assert list(curve._kept.get_ydata()) == [0.4]
