@@ -67,6 +67,7 @@ def run_demo(
     segment: bool = False,
     review: bool = False,
     finetune: bool = False,
+    queue: bool = False,
     project: Path | None = None,
 ) -> int:
     """Open the demo and run napari's event loop until the window closes.
@@ -77,16 +78,21 @@ def run_demo(
     the middle slice through paint edits before the picture. ``finetune`` (implies
     ``segment``; ignored with ``review``) docks the Fine-tune widget, corrects three slices
     completely, marks them reviewed and runs one fine-tuning round (project in ``project``,
-    default a temporary folder) before the picture.
+    default a temporary folder) before the picture. ``queue`` (implies ``segment``, with flip
+    TTA) docks the Queue ranking 128 x 128 patches and zooms to the top one; after the
+    ``finetune`` round, that patch is marked reviewed in the Fine-tune widget.
     """
     if screenshot is not None:  # napari's own PyQt5 notice would cover part of the picture
         warnings.filterwarnings("ignore", message="napari support for the PyQt5")
     viewer, widget = open_demo(sample)
-    if screenshot is None and not (segment or review or finetune):
+    if screenshot is None and not (segment or review or finetune or queue):
         napari.run()
         return 0
+    if queue:
+        widget._tta.value = True  # the Queue ranks by the uncertainty layer it adds
     run = _ScriptedDemo(viewer, widget, screenshot=screenshot, review=review,
                         finetune=finetune, project=project)  # fmt: skip
+    run.queue = queue
     QTimer.singleShot(500, run.begin)
     napari.run()
     return run.code
@@ -101,6 +107,8 @@ class _ScriptedDemo:
         self.viewer, self.widget = viewer, widget
         self.screenshot, self.review, self.finetune = screenshot, review, finetune
         self.project = project
+        self.queue = False
+        self._finetune_panel: Any = None
         self.code = 0
         self._waited_ms = 0
         viewer.window.resize(1500, 1000 if (review or finetune) else 850)
@@ -129,14 +137,52 @@ class _ScriptedDemo:
         if self.widget._status.value == "failed":
             self.fail()
             return
-        if self.review or self.finetune:
+        if self.review or self.finetune or self.queue:
             self.widget.dock.hide()  # room for the widget being shown
         if self.review:
             self.start_review()  # takes the picture itself when the correction is shown
         elif self.finetune:
             self.start_finetune()
+        elif self.queue:
+            self.start_queue()
         else:
             QTimer.singleShot(300, self.finish)
+
+    # -- Queue ----------------------------------------------------------------------------------
+    def start_queue(self) -> None:
+        """Dock the Queue on 128 x 128 patches and show the top one (marked reviewed after a
+        Fine-tune round); the picture follows once it is ranked."""
+        edited, _ = _prediction_and_reference(self.viewer)
+        _, queue = self.viewer.window.add_plugin_dock_widget(PLUGIN, "Queue")
+        queue._labels.value = edited
+        queue._tile.value = 128
+        queue._length.value = 8
+        queue._units.value = "patches"
+        self._when_ranked(queue, self._show_top)
+
+    def _when_ranked(self, queue: Any, then: Any) -> None:
+        if queue.ranking or not queue.queue:
+            self._waited_ms += 200
+            if self._waited_ms > 240_000:
+                self.fail()
+                return
+            QTimer.singleShot(200, lambda: self._when_ranked(queue, then))
+            return
+        then(queue)
+
+    def _show_top(self, queue: Any) -> None:
+        queue.jump_to(0)
+        if self._finetune_panel is None:
+            queue.table.selectRow(0)
+            QTimer.singleShot(800, self.finish)
+            return
+        self._finetune_panel.toggle_patch()  # reviewed: it leaves the queue
+        queue.refresh()
+        QTimer.singleShot(300, lambda: self._when_ranked(queue, self._after_review))
+
+    def _after_review(self, queue: Any) -> None:
+        queue.table.selectRow(0)
+        QTimer.singleShot(800, self.finish)
 
     # -- Review ---------------------------------------------------------------------------------
     def start_review(self) -> None:
@@ -190,6 +236,10 @@ class _ScriptedDemo:
         self._waited_ms += 500
         busy = "re-segmenting" in str(panel._status.value) and self._waited_ms <= 120_000
         if panel.worker is None and not busy:
-            QTimer.singleShot(300, self.finish)
+            if self.queue:
+                self._finetune_panel = panel
+                self.start_queue()
+            else:
+                QTimer.singleShot(300, self.finish)
         else:
             QTimer.singleShot(500, lambda: self._settled(panel))

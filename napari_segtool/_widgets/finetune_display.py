@@ -84,18 +84,17 @@ class LearningCurve:
     """
 
     def __init__(self) -> None:
-        self.figure = Figure(figsize=(3, 1.6))
-        self.figure.subplots_adjust(left=0.16, right=0.97, top=0.9, bottom=0.26)
+        self.figure = Figure(figsize=(3, 1.8))
+        self.figure.subplots_adjust(left=0.17, right=0.97, top=0.97, bottom=0.27)
         self.axes = self.figure.add_subplot()
         (self._used,) = self.axes.plot([], [], "o-", color="C2", label="promoted")
         (self._kept,) = self.axes.plot([], [], "o", mfc="none", color="C3", label="not used")
-        self.axes.set_xlabel("voxels painted so far", fontsize=7)
+        self.axes.set_xlabel("voxels painted so far (project rounds)", fontsize=7)
         self.axes.set_ylabel("val Dice", fontsize=7)
-        self.axes.set_title("this project, per round", fontsize=7)
         self.axes.tick_params(labelsize=6)
         self.axes.legend(fontsize=6, loc="lower right")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(110)
+        self.canvas.setMinimumHeight(130)
         self.points: list[tuple[int, float, bool]] = []
 
     def show_state(self, state: ProjectState) -> None:

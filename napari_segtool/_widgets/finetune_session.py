@@ -211,7 +211,8 @@ class ProjectSession(Container):
         shown = ", ".join(map(str, reviewed[:12])) + (" ..." if len(reviewed) > 12 else "")
         parts = [f"{len(reviewed)} slices: {shown}"] if reviewed else []
         if state.reviewed_patches:
-            parts.append(f"{len(state.reviewed_patches)} patches")
+            n = len(state.reviewed_patches)
+            parts.append(f"{n} patch{'es' * (n != 1)}")
         self._reviewed.value = "; ".join(parts) or "none"
         self._show_versions(state)
 

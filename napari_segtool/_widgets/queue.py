@@ -127,10 +127,10 @@ class QueueWidget(Container):
                      self._gap, self._tile, self._seed, self._refresh_button, self._progress,
                      self._status])  # fmt: skip
         self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["unit", "score", "effort (voxels)", "foreground"])
+        self.table.setHorizontalHeaderLabels(["unit", "score", "effort", "foreground"])
         self.table.horizontalHeaderItem(2).setToolTip(
-            "expected voxels to change: the unit's uncertainty summed (on our EM sample 1.2-1.4x "
-            "the wrong voxels)"
+            "expected effort: the voxels you can expect to change, the unit's uncertainty "
+            "summed (on our EM sample 1.2-1.4x the wrong voxels)"
         )
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -302,9 +302,11 @@ class QueueWidget(Container):
         self.queue = order[: int(self._length.value)]
         self._fill()
         slices, patches = len(self.reviewed()), len(self.reviewed_patches())
-        done = ", ".join(
-            [f"{slices} slices reviewed"] * bool(slices) + [f"{patches} patches"] * bool(patches)
+        done = " and ".join(
+            [f"{slices} slice{'s' * (slices != 1)}"] * bool(slices)
+            + [f"{patches} patch{'es' * (patches != 1)}"] * bool(patches)
         )
+        done += " reviewed" if done else ""
         self._status.value = f"{len(order)} units left" + (f", {done}" if done else "")
         return self.queue
 

@@ -74,6 +74,12 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="also correct and review slices and run one Fine-tune round",
     )
+    demo.add_argument(
+        "--queue",
+        action="store_true",
+        help="segment with flip TTA and dock the Queue on patches (after the round with "
+        "--finetune, marking the top patch reviewed)",
+    )
     demo.add_argument("--project", type=Path, help="with --finetune: the project folder")
     demo.set_defaults(run=cmd_demo)
 
@@ -210,4 +216,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from napari_segtool._widgets.demo import run_demo
 
     return run_demo(args.sample, screenshot=args.screenshot, segment=args.segment,
-                    review=args.review, finetune=args.finetune, project=args.project)  # fmt: skip
+                    review=args.review, finetune=args.finetune, queue=args.queue,
+                    project=args.project)  # fmt: skip

@@ -747,6 +747,12 @@ def iter_finetune_boxes(
     sampler = LazyPatchSampler(image, state, _lazy_patch_shape(cfg, model, tuple(state.shape)),
                                label_values=model.label_values or (), value_range=value_range,
                                boxes=split.train, holdout=split.validation)  # fmt: skip
+    # the same plan as in memory, from the class counts the sampler read box by box
+    plan = plan_round(sampler.class_counts, steps_per_epoch=cfg.steps_per_epoch,
+                      balance=cfg.balance)  # fmt: skip
+    logger.info("fine-tune plan (by box): %s", plan.reason)
+    sampler.foreground_fraction = plan.foreground_fraction
+    sampler.class_balanced = plan.class_balanced
 
     def validate(m: SegmentationModel) -> tuple[float, float]:
         return box_scores(m, image, state, split.validation, value_range=value_range,
@@ -755,7 +761,8 @@ def iter_finetune_boxes(
     return (yield from _run_round(model, sampler, validate, cfg=cfg,
                                   labelled=split.labelled_voxels,
                                   n_val=split.validation_voxels, resume=resume,
-                                  progress_every=progress_every, t0=t0))  # fmt: skip
+                                  progress_every=progress_every, t0=t0,
+                                  plan=plan))  # fmt: skip
 
 
 __all__ = [

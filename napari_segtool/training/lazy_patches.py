@@ -12,7 +12,10 @@ plus the labelled mask of the box its centre is drawn from (a few boxes are cach
 The draw follows :class:`~napari_segtool.training.data.PatchSampler`: with probability
 ``foreground_fraction`` the centre is a labelled foreground voxel (class > 0), otherwise any
 labelled voxel, each chosen uniformly over the whole volume (a box with probability
-proportional to its count, then a voxel of it); the patch is placed around the centre with a
+proportional to its count, then a voxel of it); with ``class_balanced`` a foreground centre's
+class is drawn first, uniformly among the labelled foreground classes, so a rare class is
+centred as often as the commonest (the round's plan, :mod:`~napari_segtool.training.balance`,
+sets both from :attr:`LazyPatchSampler.class_counts`); the patch is placed around the centre with a
 jitter of a quarter patch and clipped to the volume (a volume smaller than the patch is
 padded: reflected image, unlabelled padding). Labels become channel indices
 (:func:`~napari_segtool.training.data.labels_to_channels`) and the valid mask is the labelled
@@ -128,6 +131,8 @@ class LazyPatchSampler:
         may appear, unlabelled, in its context).
     foreground_fraction : float
         Share of patches centred on a labelled foreground voxel.
+    class_balanced : bool
+        Draw a foreground centre's class uniformly among the labelled foreground classes.
     cache_boxes : int
         How many boxes' centre candidates are kept in memory.
 
@@ -141,6 +146,9 @@ class LazyPatchSampler:
         The boxes holding labelled training voxels.
     counts, foreground_counts : ndarray of int64
         Their labelled (foreground) training voxels.
+    class_counts : ndarray of int64
+        Labelled training voxels per class (channel index), over all boxes: what
+        :func:`~napari_segtool.training.balance.plan_round` plans the round from.
 
     Raises
     ------
@@ -164,6 +172,7 @@ class LazyPatchSampler:
         boxes: Sequence[Box] | None = None,
         holdout: Sequence[Box] = (),
         foreground_fraction: float = 0.5,
+        class_balanced: bool = False,
         cache_boxes: int = 32,
     ) -> None:
         self.image = image
@@ -174,28 +183,31 @@ class LazyPatchSampler:
         self.value_range = value_range
         self.rgb = rgb
         self.foreground_fraction = foreground_fraction
+        self.class_balanced = class_balanced
         self._check_shapes()
         # a (Y, X) patch of a (Z, Y, X) stack is read as (1, Y, X) and squeezed
         self._flat = len(self.patch_shape) == len(self.shape) - 1
         self._region = (1, *self.patch_shape) if self._flat else self.patch_shape
         self.holdout = [tuple(b) for b in holdout]
-        self._cache: OrderedDict[tuple, tuple[NDArray[np.intp], NDArray[np.intp]]] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[NDArray[np.intp], NDArray[np.int64]]] = OrderedDict()
         self._cache_size = max(1, int(cache_boxes))
-        kept, counts, fg = [], [], []
+        n_classes = max(1, len(self.label_values))
+        kept, per_class = [], []
         for box in state.labelled_boxes() if boxes is None else boxes:
-            every, fore = self._candidates(tuple(box))
+            every, values = self._candidates(tuple(box))
             if every.size:
                 kept.append(tuple(box))
-                counts.append(every.size)
-                fg.append(fore.size)
+                per_class.append(np.bincount(values, minlength=n_classes)[:n_classes])
         if not kept:
             raise InputError(
                 "no labelled voxels to train on: correct part of the prediction or mark "
                 "slices as reviewed"
             )
         self.boxes: list[Box] = kept
-        self.counts = np.asarray(counts, np.int64)
-        self.foreground_counts = np.asarray(fg, np.int64)
+        self._box_class_counts = np.asarray(per_class, np.int64)  # (boxes, classes)
+        self.counts = self._box_class_counts.sum(axis=1)
+        self.foreground_counts = self._box_class_counts[:, 1:].sum(axis=1)
+        self.class_counts = self._box_class_counts.sum(axis=0)
         self._cache.clear()  # filled box by box above; start sampling from an empty cache
 
     def _check_shapes(self) -> None:
@@ -229,8 +241,8 @@ class LazyPatchSampler:
     def _channels(self, box: Box, mask: NDArray[np.bool_]) -> NDArray:
         return labels_to_channels(np.asarray(self.state.labels[box]), self.label_values, mask=mask)
 
-    def _candidates(self, box: Box) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
-        """Flat indices (in ``box``) of its training voxels and of the foreground ones."""
+    def _candidates(self, box: Box) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
+        """Flat indices (in ``box``) of its training voxels, and their classes (channels)."""
         key = tuple((s.start, s.stop) for s in box)
         hit = self._cache.get(key)
         if hit is not None:
@@ -239,11 +251,11 @@ class LazyPatchSampler:
         mask = self._training_mask(box)
         channels = self._channels(box, mask)
         every = np.flatnonzero(mask)
-        fore = np.flatnonzero(mask & (channels > 0))
-        self._cache[key] = (every, fore)
+        values = np.asarray(channels).reshape(-1)[every].astype(np.int64)
+        self._cache[key] = (every, values)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return every, fore
+        return every, values
 
     def _read_image(self, region: Box) -> NDArray[np.float32]:
         raw = np.asarray(self.image[region])
@@ -256,12 +268,20 @@ class LazyPatchSampler:
     def _centre(self, rng: np.random.Generator) -> tuple[int, ...]:
         fg_total = int(self.foreground_counts.sum())
         use_fg = fg_total > 0 and rng.random() < self.foreground_fraction
+        wanted: int | None = None  # a class to centre on (class_balanced)
         weights = self.foreground_counts if use_fg else self.counts
+        if use_fg and self.class_balanced:
+            present = np.flatnonzero(self.class_counts[1:]) + 1
+            wanted = int(present[rng.integers(present.size)])
+            weights = self._box_class_counts[:, wanted]
         cumulative = np.cumsum(weights)
         i = int(np.searchsorted(cumulative, rng.integers(int(cumulative[-1])), side="right"))
         box = self.boxes[i]
-        every, fore = self._candidates(box)
-        pool = fore if use_fg else every
+        every, values = self._candidates(box)
+        if wanted is not None:
+            pool = every[values == wanted]
+        else:
+            pool = every[values > 0] if use_fg else every
         flat = int(pool[rng.integers(pool.size)])
         local = np.unravel_index(flat, tuple(s.stop - s.start for s in box))
         return tuple(int(b.start + c) for b, c in zip(box, local, strict=True))

@@ -147,3 +147,44 @@ def test_iter_train_takes_the_lazy_sampler(tmp_path):
     reports = [r for r in iter_train(model, sampler, config=cfg) if isinstance(r, EpochReport)]
     assert [r.epoch for r in reports] == [1, 2]
     assert reports[-1].train_loss < reports[0].train_loss
+
+
+def test_class_counts_and_balanced_centres_as_the_in_memory_sampler(tmp_path):
+    """A rare class in a project on disk: counted box by box, centred on as often as the
+    commonest with class_balanced, and the box round plans from those counts."""
+    from napari_segtool.config import FinetuneConfig, ModelConfig
+    from napari_segtool.inference.tiling import run_to_end
+    from napari_segtool.model import SegmentationModel
+    from napari_segtool.training.finetune import iter_finetune_boxes, split_labelled_boxes
+
+    image, labels = blobs(SHAPE)
+    labels = (labels > 0).astype(np.uint8)
+    for z in (1, 3, 5):  # a rare class: 3 x 3 voxels in two chunks of each reviewed slice
+        labels[z, 40:43, 40:43] = labels[z, 10:13, 70:73] = 2
+    state = Project(tmp_path / "p").create_chunked(labels=labels, chunks=CHUNKS)
+    state.reviewed = {1, 3, 5}
+    sampler = LazyPatchSampler(image, state, (1, 1), label_values=(0, 1, 2),
+                               value_range=RANGE, foreground_fraction=1.0)  # fmt: skip
+    expected = np.bincount(labels[[1, 3, 5]].ravel(), minlength=3)
+    assert sampler.class_counts.tolist() == expected.tolist()
+
+    def centre_classes(balanced):
+        sampler.class_balanced = balanced
+        rng = np.random.default_rng(0)
+        got = [int(sampler.patch(rng)[1].ravel()[0]) for _ in range(300)]
+        return np.bincount(got, minlength=3)
+
+    assert centre_classes(False)[2] < 15  # 54 of about 10,000 foreground voxels
+    balanced = centre_classes(True)
+    assert 110 < balanced[2] < 190
+    assert 110 < balanced[1] < 190
+    # the box round plans from these counts: longer, weighted, class-balanced
+    model = SegmentationModel.new(ModelConfig(spatial_dims=2, depth=2, base_features=4,
+                                              out_channels=3), tile_shape=(32, 32),
+                                  label_values=(0, 1, 2))  # fmt: skip
+    split = split_labelled_boxes(state, fraction=0.3, seed=0)
+    cfg = FinetuneConfig(epochs=1, steps_per_epoch=2, device="cpu", balance="auto")
+    result = run_to_end(iter_finetune_boxes(model, image, state, split, config=cfg))
+    assert result.plan is not None
+    assert result.plan["class_balanced"] is True
+    assert result.plan["steps"] > 2

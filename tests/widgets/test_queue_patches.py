@@ -91,7 +91,7 @@ def test_reviewed_patches_and_slices_leave_the_patch_queue(make_napari_viewer):
     assert len(labels) == 16 - 1 - 4
     assert "slice 2, y 32-64, x 0-32" not in labels
     assert not any(lab.startswith("slice 1,") for lab in labels)
-    assert "1 slices reviewed, 1 patches" in widget._status.value
+    assert "1 slice and 1 patch reviewed" in widget._status.value
 
 
 def test_class_balanced_puts_classes_rare_among_the_reviewed_first(make_napari_viewer, errors):
@@ -167,7 +167,7 @@ def test_reviewed_patch_round_trips_through_the_project_and_the_queue(
     queue.jump_to(0)
     assert ft.toggle_patch()
     assert ft.state.reviewed_patches == {(2, 32, 64, 0, 32)}
-    assert "1 patches" in ft._reviewed.value
+    assert "1 patch" in ft._reviewed.value
     queue.refresh()
     assert all(u.label != "slice 2, y 32-64, x 0-32" for u in queue.queue)
     assert queue.queue[0].label == "slice 1, y 0-32, x 32-64"
