@@ -215,7 +215,7 @@ class QueueWidget(Container):
             except SegtoolError as exc:
                 self._on_error(exc, generation)
                 return []
-            return self._show(order, generation)
+            return self._show(order, generation, request.note)
         self._status.value = "ranking..."
         self._ranking = generation
         if not lazy:  # the labels may be painted meanwhile: the worker ranks a copy
@@ -223,7 +223,7 @@ class QueueWidget(Container):
         worker = create_worker(
             request.iter_rank,
             _connect={"yielded": lambda p: self._on_progress(p, generation),
-                      "returned": lambda order: self._show(order, generation),
+                      "returned": lambda order: self._show(order, generation, request.note),
                       "errored": lambda exc: self._on_error(exc, generation),
                       "finished": lambda: self._on_finished(generation)},
         )  # fmt: skip
@@ -294,7 +294,7 @@ class QueueWidget(Container):
             previous=labels.metadata.get(PREVIOUS_KEY),
         )
 
-    def _show(self, order: list[Unit], generation: int) -> list[Unit]:
+    def _show(self, order: list[Unit], generation: int, note: str = "") -> list[Unit]:
         if generation != self._generation or self._closed:
             return []  # superseded by a newer request, or closed
         self._ranking = 0
@@ -307,7 +307,8 @@ class QueueWidget(Container):
             + [f"{patches} patch{'es' * (patches != 1)}"] * bool(patches)
         )
         done += " reviewed" if done else ""
-        self._status.value = f"{len(order)} units left" + (f", {done}" if done else "")
+        self._status.value = (f"{len(order)} units left" + (f", {done}" if done else "")
+                              + (f"; {note}" if note else ""))  # fmt: skip
         return self.queue
 
     def _on_error(self, exc: Exception, generation: int) -> None:
@@ -387,6 +388,13 @@ class _Request:
     current: Any | None = None  # the model's latest prediction, for disagreement
     previous: Any | None = None  # the one before it
 
+    @property
+    def note(self) -> str:
+        """What the user should know about this ranking (shown with the count)."""
+        if self.strategy == "disagreement" and (self.current is None or self.previous is None):
+            return "one model version so far: disagreement ranks at random until a round"
+        return ""
+
     def rank(self) -> list[Unit]:
         """The ranked units (any thread; reads no widget)."""
         return run_to_end(self.iter_rank())
@@ -445,10 +453,9 @@ class _Request:
         """The per-voxel map of ``disagreement`` and ``class-balanced`` (None: random)."""
         if self.strategy == "disagreement":
             if self.current is None or self.previous is None:
-                raise InputError(
-                    "disagreement compares the predictions of the last two model versions: "
-                    "run a Fine-tune round on this layer first (in-memory layers only)"
-                )
+                # one version so far: no unit differs, as in simulate's first round (the
+                # order is then at random, foreground first; see note)
+                return None
             return BlockMap(version_change, self.current, self.previous)
         if self.strategy == "class-balanced":
             seen = [u.region for u in units if self._is_reviewed(u)]

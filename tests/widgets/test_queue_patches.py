@@ -107,14 +107,17 @@ def test_class_balanced_puts_classes_rare_among_the_reviewed_first(make_napari_v
     assert all(u.index != 0 for u in widget.queue)
 
 
-def test_disagreement_needs_two_versions_then_ranks_their_changes(make_napari_viewer, errors):
+def test_disagreement_is_random_with_one_version_then_ranks_the_changes(
+    make_napari_viewer, errors
+):
     labels, unc = _stack()
     viewer, widget = _viewer(make_napari_viewer, labels, unc)
     errors.clear()
     widget._strategy.value = "disagreement"
-    assert widget.queue == []
-    assert errors
-    assert "run a Fine-tune round" in errors[-1]
+    assert not errors  # one version so far: every unit scores 0, as in simulate's first round
+    assert len(widget.queue) == 4
+    assert {u.score for u in widget.queue} == {0.0}
+    assert "ranks at random until a round" in widget._status.value
     current = labels.copy()
     previous = labels.copy()
     previous[3, :20] = 0  # the two versions differ most on slice 3, then on slice 0
