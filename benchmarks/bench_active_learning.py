@@ -37,6 +37,13 @@ means (``mean``, ``mean_effort``), and:
 
 The ceiling is the held-out Dice of a model trained on every revealable unit, as long as a
 whole campaign (mean of ``min(seeds, 3)`` seeds).
+
+More seeds for some strategies, added to an earlier report (the comparison is then over the
+strategies both runs hold, with windows recomputed over those)::
+
+    python benchmarks/bench_active_learning.py --only ct_slices --first-seed 5 --seeds 5 \
+        --strategies random,uncertainty,disagreement \
+        --add-to benchmarks/results/active_learning_cpu.json -o more_seeds.json
 """
 
 from __future__ import annotations
@@ -164,7 +171,7 @@ def run_problem(name: str, spec: dict, args: argparse.Namespace) -> dict:
         cfg = dataclasses.replace(base, strategy=strategy)
         t0 = time.perf_counter()
         runs = []
-        for s in range(args.seeds):
+        for s in range(args.first_seed, args.first_seed + args.seeds):
             model = _model(s, spec["model_tile"], classes)
             points = list(iter_simulate(image, labels, model, config=cfg, seed=s))
             runs.append({"curve": [[p.n_revealed, p.dice] for p in points],
@@ -184,6 +191,30 @@ def run_problem(name: str, spec: dict, args: argparse.Namespace) -> dict:
         print(json.dumps({name: {strategy: mean_effort}}), file=sys.stderr, flush=True)
     _compare(entry, args.seeds)
     return entry
+
+
+def add_seeds(old: dict, new: dict) -> dict:
+    """``old``'s problem entry with ``new``'s runs (later seeds) appended, for the strategies
+    both hold; means, costs to 95 % and the paired comparison recomputed over all seeds."""
+    merged = dict(old, strategies={})
+    for strategy, v in new["strategies"].items():
+        if strategy not in old["strategies"]:
+            continue
+        runs = old["strategies"][strategy]["seeds"] + v["seeds"]
+        rounds = min(len(r["curve"]) for r in runs)
+        mean = [[runs[0]["curve"][i][0], float(np.mean([r["curve"][i][1] for r in runs]))]
+                for i in range(rounds)]  # fmt: skip
+        mean_effort = [[float(np.mean([r["effort_curve"][i][0] for r in runs])), mean[i][1]]
+                       for i in range(rounds)]  # fmt: skip
+        merged["strategies"][strategy] = {
+            "seeds": runs, "mean": mean, "mean_effort": mean_effort,
+            "units_to_95pct": first_reach(mean, old["target_dice"]),
+            "effort_to_95pct": first_reach(mean_effort, old["target_dice"]),
+        }  # fmt: skip
+    n = len(next(iter(merged["strategies"].values()))["seeds"])
+    merged["seeds"] = n
+    _compare(merged, n)
+    return merged
 
 
 def _compare(entry: dict, seeds: int) -> None:
@@ -237,6 +268,11 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds run: first-seed .. first-seed + seeds - 1")  # fmt: skip
+    parser.add_argument("--add-to", type=Path,
+                        help="a report with earlier seeds: write --output with these runs "
+                             "appended (strategies in both), compared over all seeds")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=15)
@@ -267,8 +303,11 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
         "default": args.default,
     })  # fmt: skip
+    earlier = json.loads(args.add_to.read_text()) if args.add_to else {}
     for name in chosen:
         report[name] = run_problem(name, specs[name], args)
+        if name in earlier:
+            report[name] = add_seeds(earlier[name], report[name])
         if args.output is not None:
             args.output.write_text(json.dumps(report, indent=1))
     if args.plot:

@@ -371,7 +371,6 @@ class FinetuneWidget(ProjectSession):
         if self._closed or self.state is None or self._layer is None:
             return
         segmentation = Resegmentation(*out)
-        self._write_uncertainty(segmentation.uncertainty)
         # the model's output before this one: with the new one it is the Queue's
         # disagreement map (where the two latest versions differ)
         previous = self.state.machine.copy()
@@ -385,6 +384,9 @@ class FinetuneWidget(ProjectSession):
         self._layer.metadata[ORIGINAL_KEY] = machine
         bump_version(self._layer)  # rewritten in place: the Review widget must recount
         self._layer.data = self.state.labels
+        # last: its data event re-ranks the Queue, which must see the new labels and both
+        # predictions in the metadata
+        self._write_uncertainty(segmentation.uncertainty)
         self._dirty = True
         self.autosave()
         self._status.value = f"re-segmented: {changed} untouched voxels changed"

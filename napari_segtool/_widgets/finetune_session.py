@@ -24,7 +24,12 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
-from napari_segtool._widgets.queue import FOCUS_KEY, REVIEWED_KEY, REVIEWED_PATCHES_KEY
+from napari_segtool._widgets.queue import (
+    FOCUS_KEY,
+    REVIEWED_KEY,
+    REVIEWED_PATCHES_KEY,
+    reviewed_changed,
+)
 from napari_segtool.errors import SegtoolError
 from napari_segtool.io.labelled import patch_problem
 from napari_segtool.io.project import Project, ProjectState, default_project_dir
@@ -181,6 +186,7 @@ class ProjectSession(Container):
         if self.state is None and not self.open_project():
             return False
         assert self.state is not None
+        from_queue = box is None
         if box is None:
             layer = self._layer
             box = None if layer is None else layer.metadata.get(FOCUS_KEY)
@@ -188,6 +194,11 @@ class ProjectSession(Container):
             self._error("click a patch in the Queue (units: patches) first, then mark it")
             return False
         patch = tuple(int(v) for v in box)
+        here = int(self._viewer.dims.current_step[0]) if self.state.labels.ndim == 3 else 0
+        if from_queue and patch[0] != here:
+            self._error(f"the patch the Queue showed is on slice {patch[0]}, this is slice "
+                        f"{here}: click a patch of this slice in the Queue")  # fmt: skip
+            return False
         problem = patch_problem([patch], tuple(self.state.shape))
         if problem:
             self._error(problem)
@@ -205,8 +216,11 @@ class ProjectSession(Container):
         if state is None:
             return
         if self._layer is not None:  # the Queue widget leaves reviewed slices and patches out
-            self._layer.metadata[REVIEWED_KEY] = set(state.reviewed)
-            self._layer.metadata[REVIEWED_PATCHES_KEY] = set(state.reviewed_patches)
+            slices, patches = set(state.reviewed), set(state.reviewed_patches)
+            meta = self._layer.metadata
+            if meta.get(REVIEWED_KEY) != slices or meta.get(REVIEWED_PATCHES_KEY) != patches:
+                meta[REVIEWED_KEY], meta[REVIEWED_PATCHES_KEY] = slices, patches
+                reviewed_changed(self._layer)
         reviewed = sorted(state.reviewed)
         shown = ", ".join(map(str, reviewed[:12])) + (" ..." if len(reviewed) > 12 else "")
         parts = [f"{len(reviewed)} slices: {shown}"] if reviewed else []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,16 @@ FOCUS_KEY = "segtool_focus"  # (z, y0, y1, x0, x1) of the patch or tile the Queu
 # the current one (segment_layers.ORIGINAL_KEY) it gives the disagreement strategy its map
 PREVIOUS_KEY = "segtool_previous"
 FEATURES_GRID = 8  # as simulate: uncertainty-diverse compares units on 8 x 8 pooled maps
+_OPEN: weakref.WeakSet[QueueWidget] = weakref.WeakSet()  # Queue docks, told of reviews
+
+
+def reviewed_changed(layer: napari.layers.Labels) -> None:
+    """Tell the open Queue widgets that ``layer``'s reviewed slices or patches changed (the
+    Fine-tune widget calls this): the ones ranking that layer rank again."""
+    for widget in list(_OPEN):
+        widget._on_reviewed_changed(layer)
+
+
 # voxels above which ranking leaves the UI thread (~10 ms and more); zarr and dask always do
 SCORE_IN_WORKER = 2**20
 _PICK = "pick the '... uncertainty' layer that Segment makes with flip TTA"
@@ -162,6 +173,7 @@ class QueueWidget(Container):
             RoleDefault(self._uncertainty, napari.layers.Image, UNCERTAINTY, avoid=(IMAGE,)),
         )
         on_close(self.native, self._teardown)
+        _OPEN.add(self)
         self._watch()
 
     def reset_choices(self, *args: Any) -> None:
@@ -179,6 +191,10 @@ class QueueWidget(Container):
         if self._watched is not None:
             self._watched.events.data.connect(self.refresh)
         self.refresh()
+
+    def _on_reviewed_changed(self, layer: napari.layers.Labels) -> None:
+        if not self._closed and layer is self._labels.value:
+            self.refresh()
 
     def reviewed(self) -> set[int]:
         """Slices marked reviewed in the Fine-tune widget (0 for a reviewed 2D image)."""
@@ -283,7 +299,7 @@ class QueueWidget(Container):
             uncertainty_name="" if unc is None else unc.name,
             known=unc is not None and role(unc) == UNCERTAINTY,
             strategy=str(self._strategy.value),
-            reduce="top" if str(self._score.value).startswith("top") else "mean",
+            reduce=_reduce(str(self._strategy.value), str(self._score.value)),
             tile=None if slices else int(self._tile.value),
             seed=int(self._seed.value),
             reviewed=frozenset(self.reviewed()),
@@ -325,6 +341,7 @@ class QueueWidget(Container):
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
         self._generation += 1
         if self._worker is not None:
             self._worker.quit()
@@ -437,6 +454,17 @@ class _Request:
                     min_gap=self.min_gap, batch=max(1, self.batch),
                     revealed=[u for u in scored if u.index in exclude])  # fmt: skip
 
+    def _reviewed_regions(self) -> list[tuple[slice, ...]]:
+        """The reviewed slices and patches as index regions (a reviewed 2D image whole)."""
+        if len(self.labels.shape) == 2:
+            if 0 in self.reviewed:
+                return [(slice(None), slice(None))]
+            return [(slice(y0, y1), slice(x0, x1)) for _, y0, y1, x0, x1 in self.reviewed_patches]
+        regions = [(slice(z, z + 1),) for z in sorted(self.reviewed)]
+        return regions + [(slice(z, z + 1), slice(y0, y1), slice(x0, x1))
+                          for z, y0, y1, x0, x1 in sorted(self.reviewed_patches)
+                          if z not in self.reviewed]  # fmt: skip
+
     def _is_reviewed(self, unit: Unit) -> bool:
         """Whether the user marked the unit's slice, or a patch holding the unit, reviewed."""
         if len(unit.grid) != 2 and unit.grid[0] in self.reviewed:
@@ -458,10 +486,16 @@ class _Request:
                 return None
             return BlockMap(version_change, self.current, self.previous)
         if self.strategy == "class-balanced":
-            seen = [u.region for u in units if self._is_reviewed(u)]
+            seen = self._reviewed_regions()
             weights = rarity_weights(class_counts(self.labels, seen))
             return BlockMap(lambda lab: class_rarity(lab, weights), self.labels)
         return None
+
+
+def _reduce(strategy: str, score: str) -> str:
+    """How units are scored: class-balanced scores a class's share whatever *unit score*
+    says, as in simulate (the top 5 % of a unit would be all one class)."""
+    return "top" if score.startswith("top") and strategy != "class-balanced" else "mean"
 
 
 def _array(layer: napari.layers.Layer) -> Any:

@@ -67,7 +67,7 @@ def test_correct_review_finetune_keeps_corrections(setup, qtbot, errors):
     assert not errors
     assert [v["version"] for v in widget.state.versions] == [1]
     assert (widget.project.folder / "models" / "v0001.pt").exists()
-    # the learning curve: the round's val Dice at the voxels painted when it started
+    # the learning curve: the round's val Dice at the voxels painted when it was recorded
     entry = widget.state.versions[0]
     assert entry["painted_voxels"] == int(widget.state.painted.sum()) > 0
     assert entry["val_dice"] is not None

@@ -168,10 +168,14 @@ def test_reviewed_patch_round_trips_through_the_project_and_the_queue(
     assert shown
     assert "click a patch in the Queue" in shown[-1]
     queue.jump_to(0)
+    viewer.dims.set_current_step(0, 0)  # scrolled away: the Queue's patch is not in view
+    assert not ft.toggle_patch()
+    assert "on slice 2, this is slice 0" in shown[-1]
+    queue.jump_to(0)
     assert ft.toggle_patch()
     assert ft.state.reviewed_patches == {(2, 32, 64, 0, 32)}
     assert "1 patch" in ft._reviewed.value
-    queue.refresh()
+    # the Queue ranks again by itself: no refresh() here
     assert all(u.label != "slice 2, y 32-64, x 0-32" for u in queue.queue)
     assert queue.queue[0].label == "slice 1, y 0-32, x 32-64"
     labelled = ft.state.labelled()
@@ -219,3 +223,31 @@ def test_learning_curve_plots_rounds_against_painted_voxels(qtbot):
     assert curve.points == [(100, 0.5, True), (250, 0.4, False), (400, 0.7, True)]
     assert list(curve._used.get_xdata()) == [100, 400]
     assert list(curve._kept.get_ydata()) == [0.4]
+
+
+def test_a_resegmentation_gives_disagreement_both_versions_before_the_queue_reranks(
+    make_napari_viewer, tmp_path
+):
+    """Fine-tune's merge writes the labels and both predictions, then the uncertainty layer
+    whose data event re-ranks the Queue: the ranking sees the new pair of versions."""
+    labels, unc = _stack()
+    viewer, queue = _viewer(make_napari_viewer, labels, unc)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-segtool", "Fine-tune")
+    ft._image.value = viewer.layers["raw"]
+    ft._labels.value = viewer.layers["pred"]
+    ft._model.value = "new-2d"
+    ft._folder.value = tmp_path / "stack.segtool"
+    assert ft.open_project()
+    first = labels.copy()
+    first[1, :10] = 0  # version 1 differs from the start on slice 1
+    ft._merge((first, unc))
+    queue._uncertainty.value = viewer.layers["raw uncertainty"]
+    queue._score.value = "mean"
+    queue._strategy.value = "disagreement"
+    assert [u.label for u in queue.queue[:1]] == ["slice 1"]
+    second = first.copy()
+    second[3, :30] = 0  # version 2 differs from version 1 on slice 3 only
+    ft._merge((second, unc))  # no refresh() here: the uncertainty layer's data event
+    assert queue.queue[0].label == "slice 3"
+    assert queue.queue[0].score == pytest.approx(30 / 64)
+    assert {u.score for u in queue.queue[1:]} == {0.0}
