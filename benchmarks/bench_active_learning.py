@@ -300,7 +300,8 @@ def main() -> None:
     report.update({
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpus": os.cpu_count(), "device": args.device},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                     if k not in ("output", "plot")},
         "default": args.default,
     })  # fmt: skip
     earlier = json.loads(args.add_to.read_text()) if args.add_to else {}

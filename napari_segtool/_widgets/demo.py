@@ -155,6 +155,7 @@ class _ScriptedDemo:
         edited, _ = _prediction_and_reference(self.viewer)
         _, queue = self.viewer.window.add_plugin_dock_widget(PLUGIN, "Queue")
         queue._labels.value = edited
+        queue._strategy.value = "uncertainty"  # disagreement needs a promoted round first
         queue._tile.value = 128
         queue._length.value = 8
         queue._units.value = "patches"

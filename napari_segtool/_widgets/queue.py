@@ -46,7 +46,7 @@ from napari_segtool.active_learning.scoring import (
     ValueRangeError,
     iter_score_units,
 )
-from napari_segtool.active_learning.select import STRATEGIES
+from napari_segtool.active_learning.select import DEFAULT_STRATEGY, STRATEGIES
 from napari_segtool.active_learning.signals import (
     BlockMap,
     class_counts,
@@ -110,13 +110,15 @@ class QueueWidget(Container):
             annotation="napari.layers.Image", label="uncertainty", options={"nullable": True}
         )
         self._uncertainty.value = None  # not the first image: that is usually the raw one
-        self._strategy = ComboBox(label="strategy", choices=QUEUE_STRATEGIES, value="uncertainty")
+        self._strategy = ComboBox(label="strategy", choices=QUEUE_STRATEGIES,
+                                  value=DEFAULT_STRATEGY)  # fmt: skip
         self._strategy.tooltip = (
             "uncertainty: most uncertain first; uncertainty-diverse: the shown list is a "
             "batch spread over what the units look like; disagreement: where the last two "
             "model versions differ (after a Fine-tune round); class-balanced: units showing "
             "classes rare among the reviewed units first; random and foreground-random: "
-            "baselines. Our simulations (README) found none clearly better than random yet."
+            "baselines. The default, disagreement, did best in our simulations (README), "
+            "though no strategy beat random there with a confidence interval above zero."
         )
         self._units = ComboBox(label="units (3D)", choices=UNITS, value="slices")
         self._units.tooltip = "slices, or square patches of 'tile' within each slice"

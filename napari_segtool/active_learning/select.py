@@ -42,6 +42,9 @@ STRATEGIES = (
     "random",
     "foreground-random",
 )
+DEFAULT_STRATEGY = "disagreement"
+"""What ``simulate`` runs without ``--strategy`` and what the Queue opens with: the strategy
+``benchmarks/bench_active_learning.py`` supports best (README, Performance)."""
 SCORED = ("uncertainty", "disagreement", "class-balanced")
 """Strategies that order units by their ``score`` (each from its own per-voxel map)."""
 

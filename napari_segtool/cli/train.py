@@ -50,6 +50,7 @@ SIM_STRATEGIES = (
     "random",
     "foreground-random",
 )
+SIM_DEFAULT = "disagreement"  # active_learning.select.DEFAULT_STRATEGY
 SIM_UNITS = ("slices", "patches")  # active_learning.simulate.UNIT_KINDS
 
 
@@ -110,7 +111,7 @@ def add_parsers(sub: Any) -> None:
     )
     sim.add_argument("labels", type=Path,
                      help="the full reference labels (TIFF, NIfTI, .zarr, ...)")  # fmt: skip
-    sim.add_argument("--strategy", choices=SIM_STRATEGIES, default="uncertainty",
+    sim.add_argument("--strategy", choices=SIM_STRATEGIES, default=SIM_DEFAULT,
                      help="uncertainty-diverse: the most uncertain units spread out by k-center "
                      "greedy on their pooled foreground and uncertainty; disagreement: where "
                      "the current and previous model versions differ; class-balanced: units "

@@ -6,9 +6,9 @@ import pytest
 from napari_segtool.active_learning import SimulationConfig, iter_simulate, make_units
 from napari_segtool.active_learning.diversity import diverse_uncertain, k_center_greedy
 from napari_segtool.active_learning.scoring import Unit, score_units
-from napari_segtool.active_learning.select import rank
+from napari_segtool.active_learning.select import DEFAULT_STRATEGY, rank
 from napari_segtool.active_learning.simulate import SIMULATION_STRATEGIES
-from napari_segtool.cli.train import SIM_STRATEGIES
+from napari_segtool.cli.train import SIM_DEFAULT, SIM_STRATEGIES
 from napari_segtool.errors import InputError
 from napari_segtool.inference.tiling import run_to_end
 from tests.active_learning.test_uncertainty import FAST, easy_and_hard
@@ -85,6 +85,7 @@ def test_diverse_ranking_orders_every_unit_batch_by_batch():
 
 def test_simulate_runs_the_diverse_strategy_reproducibly():
     assert set(SIM_STRATEGIES) == set(SIMULATION_STRATEGIES)
+    assert SIM_DEFAULT == DEFAULT_STRATEGY == SimulationConfig().strategy
     image, labels = easy_and_hard(n=10)
     cfg = SimulationConfig(strategy="uncertainty-diverse", initial=2, rounds=2, per_round=2,
                            finetune=FAST.replace(epochs=1, steps_per_epoch=4))  # fmt: skip

@@ -221,6 +221,7 @@ def test_queue_ranks_a_zarr_uncertainty_in_a_worker_as_in_memory(segmented, qtbo
     in_memory_labels = viewer.add_labels(prediction, name="pred in memory")
     in_memory = viewer.add_image(uncertainty, name="unc in memory")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Queue")
+    widget._strategy.value = "uncertainty"  # these tests rank by it
     widget._gap.value = 0
     widget._length.value = 100
     widget._labels.value, widget._uncertainty.value = in_memory_labels, in_memory

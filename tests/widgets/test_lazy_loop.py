@@ -291,6 +291,7 @@ def queue_step(loop, after, monkeypatch):
     """The zarr uncertainty ranked in a worker, as the same arrays held in memory."""
     viewer, labels, unc = loop.viewer, loop.labels, loop.unc
     _, queue = viewer.window.add_plugin_dock_widget(PLUGIN, "Queue")
+    queue._strategy.value = "uncertainty"  # these tests rank by it
     queue._gap.value = 0
     queue._length.value = 100
     reviewed = {REVIEWED_KEY: labels.metadata[REVIEWED_KEY]}  # set by Fine-tune

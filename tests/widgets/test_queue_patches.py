@@ -32,6 +32,7 @@ def _viewer(make_napari_viewer, labels, unc):
     viewer.add_labels(labels, name="pred")
     viewer.add_image(unc, name="unc")
     _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Queue")
+    widget._strategy.value = "uncertainty"  # these tests rank by it
     assert isinstance(widget, QueueWidget)
     widget._labels.value = viewer.layers["pred"]
     widget._uncertainty.value = viewer.layers["unc"]

@@ -22,6 +22,7 @@ def _stack_viewer(make_napari_viewer):
     viewer.add_labels(labels, name="pred")
     viewer.add_image(unc, name="unc")
     _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Queue")
+    widget._strategy.value = "uncertainty"  # these tests rank by it
     assert isinstance(widget, QueueWidget)
     widget._labels.value = viewer.layers["pred"]
     widget._uncertainty.value = viewer.layers["unc"]
@@ -59,6 +60,7 @@ def test_tiles_of_a_2d_image(make_napari_viewer):
     viewer.add_labels(labels, name="pred")
     viewer.add_image(unc, name="unc")
     _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Queue")
+    widget._strategy.value = "uncertainty"  # these tests rank by it
     widget._tile.value = 100
     widget._labels.value = viewer.layers["pred"]
     widget._uncertainty.value = viewer.layers["unc"]
@@ -71,6 +73,7 @@ def test_missing_uncertainty_is_a_notification(make_napari_viewer, errors):
     viewer = make_napari_viewer()
     viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="pred")
     _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Queue")
+    widget._strategy.value = "uncertainty"  # these tests rank by it
     widget._labels.value = viewer.layers["pred"]
     assert widget.refresh() == []
     assert "segment with flip TTA first" in errors[-1]
@@ -117,6 +120,7 @@ def test_large_volume_errors_arrive_as_notifications(make_napari_viewer, qtbot, 
     viewer.add_image(np.full((3, 8, 8), 5.0, np.float32), name="raw")
     monkeypatch.setattr(queue_module, "SCORE_IN_WORKER", 10)
     _, widget = viewer.window.add_plugin_dock_widget("napari-segtool", "Queue")
+    widget._strategy.value = "uncertainty"  # these tests rank by it
     widget._labels.value = viewer.layers["pred"]
     widget._uncertainty.value = viewer.layers["raw"]
     qtbot.waitUntil(lambda: bool(errors) and not widget.ranking, timeout=10_000)

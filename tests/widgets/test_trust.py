@@ -128,6 +128,7 @@ def test_pickers_start_on_roles_and_follow_new_layers(make_napari_viewer, errors
     _, review = viewer.window.add_plugin_dock_widget(PLUGIN, "Review")
     _, finetune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
     _, queue = viewer.window.add_plugin_dock_widget(PLUGIN, "Queue")
+    queue._strategy.value = "uncertainty"  # these tests rank by it
     assert review._reference.value is reference
     assert queue._uncertainty.value is not image  # never the raw image as "uncertainty"
     # the prediction and its uncertainty arrive: every picker moves to them
