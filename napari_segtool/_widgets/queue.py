@@ -438,7 +438,7 @@ class _Request:
         units = make_units(shape, tile=self.tile)
         by_uncertainty = self.strategy.startswith("uncertainty")
         score_map = unc if by_uncertainty else self._signal(units)
-        check = by_uncertainty and not self.known
+        check = not self.known  # the layer ranks, or its sum is the effort: [0, 1] either way
         try:
             scored = yield from iter_score_units(
                 units, score_map, self.labels, reduce=self.reduce,

@@ -220,7 +220,7 @@ def iter_score_units(
         over each unit into its ``effort``: the voxels the user can expect to change there
         (on the bundled EM model and its sample, the flip-TTA ``combined`` uncertainty summed
         per slice came to 1.2-1.4 times the slice's wrong voxels, Spearman 0.70 over 30
-        slices). Read in the same pass; its values are not range-checked.
+        slices). Read in the same pass and held to ``value_range`` as well.
 
     Yields
     ------
@@ -249,6 +249,10 @@ def iter_score_units(
         unc = None if uncertainty is None else np.asarray(uncertainty[key])
         lab = None if labels is None else np.asarray(labels[key])
         cost = None if effort is None else np.asarray(effort[key])
+        if cost is not None and value_range is not None and effort is not uncertainty:
+            lo, hi = _range(cost)  # the effort map is an uncertainty too: same bounds
+            if lo < value_range[0] or hi > value_range[1]:
+                raise ValueRangeError(lo, hi, value_range)
         if unc is not None:
             lo, hi = _range(unc)
             low, high = float(np.fmin(low, lo)), float(np.fmax(high, hi))

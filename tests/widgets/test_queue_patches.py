@@ -252,3 +252,16 @@ def test_a_resegmentation_gives_disagreement_both_versions_before_the_queue_rera
     assert queue.queue[0].label == "slice 3"
     assert queue.queue[0].score == pytest.approx(30 / 64)
     assert {u.score for u in queue.queue[1:]} == {0.0}
+
+
+def test_a_layer_that_is_not_an_uncertainty_map_is_refused_for_effort_too(
+    make_napari_viewer, errors
+):
+    labels, unc = _stack()
+    unc[0, 0, 0] = 7.5  # a raw intensity, not an uncertainty: its sum would be no effort
+    _, widget = _viewer(make_napari_viewer, labels, unc)
+    errors.clear()
+    widget._strategy.value = "random"
+    assert widget.queue == []
+    assert errors
+    assert "not an uncertainty map in [0, 1]" in errors[-1]
