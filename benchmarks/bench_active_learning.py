@@ -177,20 +177,26 @@ def run_problem(name: str, spec: dict, args: argparse.Namespace) -> dict:
             runs.append({"curve": [[p.n_revealed, p.dice] for p in points],
                          "effort_curve": [[p.effort, p.dice] for p in points],
                          "revealed": list(points[-1].revealed)})  # fmt: skip
-        rounds = len(runs[0]["curve"])
-        mean = [[runs[0]["curve"][i][0], float(np.mean([r["curve"][i][1] for r in runs]))]
-                for i in range(rounds)]  # fmt: skip
-        mean_effort = [[float(np.mean([r["effort_curve"][i][0] for r in runs])), mean[i][1]]
-                       for i in range(rounds)]  # fmt: skip
-        entry["strategies"][strategy] = {
-            "seeds": runs, "mean": mean, "mean_effort": mean_effort,
-            "units_to_95pct": first_reach(mean, target),
-            "effort_to_95pct": first_reach(mean_effort, target),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }  # fmt: skip
+        entry["strategies"][strategy] = dict(
+            _summary(runs, target), seconds=round(time.perf_counter() - t0, 1)
+        )
+        mean_effort = entry["strategies"][strategy]["mean_effort"]
         print(json.dumps({name: {strategy: mean_effort}}), file=sys.stderr, flush=True)
     _compare(entry, args.seeds)
     return entry
+
+
+def _summary(runs: list[dict], target: float) -> dict:
+    """Seeds' runs of one strategy with their mean curves on both axes (over the rounds all
+    runs reached) and the units and effort at which the mean first reaches ``target``."""
+    rounds = min(len(r["curve"]) for r in runs)
+    mean = [[runs[0]["curve"][i][0], float(np.mean([r["curve"][i][1] for r in runs]))]
+            for i in range(rounds)]  # fmt: skip
+    mean_effort = [[float(np.mean([r["effort_curve"][i][0] for r in runs])), mean[i][1]]
+                   for i in range(rounds)]  # fmt: skip
+    return {"seeds": runs, "mean": mean, "mean_effort": mean_effort,
+            "units_to_95pct": first_reach(mean, target),
+            "effort_to_95pct": first_reach(mean_effort, target)}  # fmt: skip
 
 
 def add_seeds(old: dict, new: dict) -> dict:
@@ -201,16 +207,7 @@ def add_seeds(old: dict, new: dict) -> dict:
         if strategy not in old["strategies"]:
             continue
         runs = old["strategies"][strategy]["seeds"] + v["seeds"]
-        rounds = min(len(r["curve"]) for r in runs)
-        mean = [[runs[0]["curve"][i][0], float(np.mean([r["curve"][i][1] for r in runs]))]
-                for i in range(rounds)]  # fmt: skip
-        mean_effort = [[float(np.mean([r["effort_curve"][i][0] for r in runs])), mean[i][1]]
-                       for i in range(rounds)]  # fmt: skip
-        merged["strategies"][strategy] = {
-            "seeds": runs, "mean": mean, "mean_effort": mean_effort,
-            "units_to_95pct": first_reach(mean, old["target_dice"]),
-            "effort_to_95pct": first_reach(mean_effort, old["target_dice"]),
-        }  # fmt: skip
+        merged["strategies"][strategy] = _summary(runs, old["target_dice"])
     n = len(next(iter(merged["strategies"].values()))["seeds"])
     merged["seeds"] = n
     _compare(merged, n)

@@ -437,7 +437,7 @@ class _Request:
         shape = tuple(int(n) for n in self.labels.shape)
         units = make_units(shape, tile=self.tile)
         by_uncertainty = self.strategy.startswith("uncertainty")
-        score_map = unc if by_uncertainty else self._signal(units)
+        score_map = unc if by_uncertainty else self._signal()
         check = not self.known  # the layer ranks, or its sum is the effort: [0, 1] either way
         try:
             scored = yield from iter_score_units(
@@ -479,7 +479,7 @@ class _Request:
         return any(pz == z and py0 <= y0 and y1 <= py1 and px0 <= x0 and x1 <= px1
                    for pz, py0, py1, px0, px1 in self.reviewed_patches)  # fmt: skip
 
-    def _signal(self, units: list[Unit]) -> Any | None:
+    def _signal(self) -> Any | None:
         """The per-voxel map of ``disagreement`` and ``class-balanced`` (None: random)."""
         if self.strategy == "disagreement":
             if self.current is None or self.previous is None:

@@ -26,7 +26,12 @@ from numpy.typing import NDArray
 
 from napari_segtool.active_learning.scoring import Unit, make_units, score_units
 from napari_segtool.active_learning.select import DEFAULT_STRATEGY, STRATEGIES, rank
-from napari_segtool.active_learning.signals import class_rarity, rarity_weights, version_change
+from napari_segtool.active_learning.signals import (
+    class_counts,
+    class_rarity,
+    rarity_weights,
+    version_change,
+)
 from napari_segtool.active_learning.uncertainty import voxel_uncertainty
 from napari_segtool.config import FinetuneConfig, InferenceConfig
 from napari_segtool.errors import InputError
@@ -241,8 +246,7 @@ def _choose(image: NDArray, model: SegmentationModel, units: list[Unit], held: s
     elif cfg.strategy == "class-balanced":
         classes = model.config.out_channels
         values = model.label_values or tuple(range(classes))
-        ids, counts = np.unique(truth, return_counts=True)
-        by_value = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        by_value = class_counts(truth, [(slice(None),)])
         counts_by_class = {c: by_value.get(v, 0) for c, v in enumerate(values)}
         weights = rarity_weights(counts_by_class, classes)
         table = np.zeros(int(max(values)) + 1, np.float32)  # by label value, not channel
